@@ -1,0 +1,39 @@
+# dmlbench — the two commands of the README, plus helpers.
+#   make sweep   set up .venv and run a real small sweep (nivmf, ccp, diva) on the embedded datasets
+#   make test    set up .venv and run the test suite (fast and slow tests)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines pin torch/torchvision to a known pair; set CONSTRAINTS= to let pip choose.
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.dmlbench-installed
+SWEEP_OUT ?= results
+
+.PHONY: venv test test-fast sweep bench lint clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -q $(PIP_C) -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+sweep: $(STAMP)
+	$(BIN)/dmlbench sweep --methods nivmf,ccp,diva,proxyanchor --datasets embedded --preset smoke --output $(SWEEP_OUT)
+
+bench: $(STAMP)
+	$(BIN)/python bench/eval_vs_pml.py
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check dmlbench tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,73 @@
+"""The ``dmlbench`` command line (Typer).
+
+Commands are thin: parse options, call one library function, print. Each command module in this
+package registers its commands on :data:`app` when imported; :func:`main` imports them all.
+Errors the user can fix (:class:`dmlbench.errors.DmlbenchError`) print one sentence to stderr and
+exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from dmlbench.errors import DmlbenchError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="dmlbench",
+    help="Benchmark and sweep deep metric learning methods (nivMF, DiVA, CCP, baselines) on Ray Tune + Optuna.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+methods_app = typer.Typer(help="Registered methods.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Registered datasets and their status on disk.", no_args_is_help=True)
+app.add_typer(methods_app, name="methods")
+app.add_typer(datasets_app, name="datasets")
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+
+
+def friendly(fn: F) -> F:
+    """Decorator for commands: a :class:`DmlbenchError` becomes one line on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DmlbenchError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_commands() -> None:
+    """Import every command module of this package (each registers its commands)."""
+    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def main() -> None:
+    load_commands()
+    try:
+        app()
+    except DmlbenchError as err:  # raised outside a @friendly command
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+load_commands()

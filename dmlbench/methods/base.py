@@ -1,0 +1,197 @@
+"""The Method contract (DESIGN §3).
+
+A method is an ``nn.Module`` registered in :data:`METHODS` with:
+
+* ``Params``: a pydantic model of its hyper-parameters (defaults; unknown keys are errors);
+* ``build(cfg, backbone, num_classes)``: the module holding backbone, heads, proxies, queues;
+* ``loss(batch) -> LossOutput``: total loss plus named, detached terms for one training step;
+* ``param_groups(base_lr)``: every trainable tensor in exactly one group (the method owns its LRs);
+* ``embed(images)``: the embedding evaluation uses;
+* optional hooks called by the trainer (all under ``torch.no_grad`` except ``on_after_backward``
+  which edits ``.grad``): ``on_train_start``, ``on_after_backward``, ``on_step_end``,
+  ``on_epoch_end``; ``extra_state``/``load_extra_state`` for state outside modules.
+
+The trainer never knows a method's name, and a method never runs the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from dmlbench.registry import Registry
+
+if TYPE_CHECKING:
+    from dmlbench.config import TrialConfig
+
+
+class MethodParams(BaseModel):
+    """Base for every method's ``Params``: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+@dataclass
+class Batch:
+    """One training batch. ``views[0]`` is the main view; methods with ``n_views = 2`` get two."""
+
+    views: list[Tensor]
+    labels: Tensor
+    indices: Tensor
+
+    @property
+    def images(self) -> Tensor:
+        return self.views[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            [v.to(device, non_blocking=True) for v in self.views],
+            self.labels.to(device, non_blocking=True),
+            self.indices,
+        )
+
+
+@dataclass
+class LossOutput:
+    """Total loss and named terms (floats or 0-d tensors; logged detached)."""
+
+    total: Tensor
+    terms: dict[str, float | Tensor] = field(default_factory=dict)
+
+    def logs(self) -> dict[str, float]:
+        out = {"loss": float(self.total.detach())}
+        for k, v in self.terms.items():
+            out[k] = float(v.detach()) if isinstance(v, Tensor) else float(v)
+        return out
+
+
+@dataclass
+class TrainContext:
+    """What the trainer hands to method hooks.
+
+    Attributes:
+        cfg: the trial config.
+        device: where the model lives.
+        optimizer: the optimiser built from ``param_groups``.
+        epoch: current epoch (1-based inside training; 0 before the first epoch).
+        step: optimiser steps done so far.
+        train_loader: iterable of :class:`Batch` on the training classes (train transform).
+        val_metrics: metrics of the latest validation (fresh at ``on_epoch_end``), else {}.
+        embed_train_pool: ``draws -> Tensor[T, C, D]``: T draws of one training image per class
+            (train transform, model in eval mode, no grad, raw ``pool_embed`` output), for CCP.
+        train_class_ids: the dataset class ids of the training classes, in the column order of
+            ``embed_train_pool`` (class index c ↔ label c of the training batches).
+        log: a dict hooks may add scalar logs to (merged into the epoch's metrics).
+    """
+
+    cfg: TrialConfig
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    train_loader: Iterable[Batch]
+    embed_train_pool: Callable[[int], Tensor]
+    epoch: int = 0
+    step: int = 0
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    log: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class of every registered method. Subclasses set ``Params`` and implement ``loss``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: number of augmented views per image in a training batch (DiVA: 2)
+    n_views: ClassVar[int] = 1
+    #: row metadata defaults; a method may override (e.g. CCP frozen_all)
+    default_bn_policy: ClassVar[str | None] = None
+
+    def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.hparams = self.Params.model_validate(cfg.params)
+        self.backbone = backbone
+        self.num_classes = num_classes
+
+    @classmethod
+    def build(cls, cfg: TrialConfig, backbone: nn.Module, num_classes: int) -> Method:
+        """Construct the method around ``backbone`` (which outputs ``cfg.embedding_dim`` features)."""
+        return cls(cfg, backbone, num_classes)
+
+    # ---- required -------------------------------------------------------------------------
+    def loss(self, batch: Batch) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__}.loss is not implemented")
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Embedding used for retrieval. Default: L2-normalised backbone output."""
+        return nn.functional.normalize(self.backbone(images).float(), dim=-1)
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """Default: one group with every trainable parameter at ``base_lr``."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": base_lr, "name": "all"}]
+
+    # ---- optional -------------------------------------------------------------------------
+    def pool_embed(self, images: Tensor) -> Tensor:
+        """Raw embedding used to (re-)initialise proxies (CCP k-center, nivMF warm start)."""
+        return self.backbone(images).float()
+
+    def configure_scheduler(
+        self, optimizer: torch.optim.Optimizer, epochs: int
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """A per-epoch LR scheduler, or None to use the trial config's ``schedule``."""
+        return None
+
+    def iters_per_epoch(self) -> int | None:
+        """Method-level override of the steps per epoch (CCP: one validation round), or None."""
+        return None
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """Before the first step (proxy init, queue fill). Runs under ``torch.no_grad``."""
+
+    def on_after_backward(self, ctx: TrainContext) -> None:
+        """After ``backward`` and before clipping and ``optimizer.step`` (gradient transforms)."""
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        """After ``optimizer.step`` (EMA, queues). Runs under ``torch.no_grad``."""
+
+    def on_epoch_end(self, ctx: TrainContext) -> dict[str, float]:
+        """After the epoch's validation (``ctx.val_metrics`` is fresh). Returns logs."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """State not held in modules/buffers (RNG states, controllers); saved in checkpoints.
+
+        Must contain only tensors, numbers, strings, lists and dicts (``weights_only`` loading).
+        """
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no extra state but the checkpoint carries some")
+
+    def log_stats(self, batch: Batch) -> dict[str, float]:
+        """Extra per-step diagnostics (e.g. embedding norms); cheap, detached."""
+        return {}
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+
+def check_param_groups(method: Method, groups: list[dict[str, Any]]) -> None:
+    """Every trainable parameter in exactly one group; raises ValueError naming the offenders."""
+    seen: dict[int, str] = {}
+    for g in groups:
+        for p in g["params"]:
+            if id(p) in seen:
+                raise ValueError(f"a parameter is in groups {seen[id(p)]!r} and {g.get('name')!r}")
+            seen[id(p)] = str(g.get("name"))
+    missing = [n for n, p in method.named_trainable() if id(p) not in seen]
+    if missing:
+        raise ValueError(f"trainable parameters in no group: {', '.join(missing[:5])}")
+
+
+METHODS: Registry[type[Method]] = Registry("method")
