@@ -84,6 +84,9 @@ class TrainContext:
         val_metrics: metrics of the latest validation (fresh at ``on_epoch_end``), else {}.
         embed_train_pool: ``draws -> Tensor[T, C, D]``: T draws of one training image per class
             (train transform, model in eval mode, no grad, raw ``pool_embed`` output), for CCP.
+        embed_train_set: ``() -> (Tensor[N, D], Tensor[N])``: ``pool_embed`` of every training
+            image with the eval transform (model in eval mode, no grad) and its label 0..C-1
+            (nivMF warm start from class means).
         train_class_ids: the dataset class ids of the training classes, in the column order of
             ``embed_train_pool`` (class index c ↔ label c of the training batches).
         log: a dict hooks may add scalar logs to (merged into the epoch's metrics).
@@ -94,6 +97,7 @@ class TrainContext:
     optimizer: torch.optim.Optimizer
     train_loader: Iterable[Batch]
     embed_train_pool: Callable[[int], Tensor]
+    embed_train_set: Callable[[], tuple[Tensor, Tensor]]
     epoch: int = 0
     step: int = 0
     val_metrics: dict[str, float] = field(default_factory=dict)
@@ -107,8 +111,9 @@ class Method(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: number of augmented views per image in a training batch (DiVA: 2)
     n_views: ClassVar[int] = 1
-    #: row metadata defaults; a method may override (e.g. CCP frozen_all)
-    default_bn_policy: ClassVar[str | None] = None
+    #: how evaluation compares embeddings: "cosine" (L2-normalised, inner product) or
+    #: "euclidean" (raw L2 distance; CCP's unit-ball embeddings)
+    eval_distance: ClassVar[str] = "cosine"
 
     def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
         super().__init__()
@@ -135,6 +140,12 @@ class Method(nn.Module):
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": base_lr, "name": "all"}]
 
     # ---- optional -------------------------------------------------------------------------
+    def embed_for_eval(self, images: Tensor) -> dict[str, Tensor]:
+        """Embeddings to evaluate: key ``""`` is the primary one (= ``embed``); other keys are
+        extra variants (DiVA single heads, other head weightings) whose metrics are logged as
+        ``"<key>/<metric>"``. Default: only the primary."""
+        return {"": self.embed(images)}
+
     def pool_embed(self, images: Tensor) -> Tensor:
         """Raw embedding used to (re-)initialise proxies (CCP k-center, nivMF warm start)."""
         return self.backbone(images).float()
