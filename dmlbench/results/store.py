@@ -1,0 +1,176 @@
+"""Per-trial Parquet rows, written atomically, and the leaderboard rebuilt from them.
+
+Layout (DESIGN §8)::
+
+    results/
+      leaderboard.parquet            all rows of all sweeps (rebuilt, never appended)
+      <sweep>/rows/<row_id>.parquet  one file per trial (search or final phase)
+
+A row file is written to a temporary file in the same folder, fsynced and renamed over its final
+name, so readers never see half a file and the same ``row_id`` written twice replaces the first
+(no duplicates on resume). Readers skip files that are truncated or not dmlbench rows with a
+warning naming the file; the other rows are never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dmlbench.errors import DmlbenchError
+from dmlbench.results import schema
+
+ROWS_DIR = "rows"
+LEADERBOARD = "leaderboard.parquet"
+LOCK_NAME = ".leaderboard.lock"
+_SAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+def row_filename(row_id: str) -> str:
+    """File name of a row: the row id with anything but ``[A-Za-z0-9._=-]`` replaced by ``_``.
+
+    Example:
+        >>> row_filename("abc123-ccp/digits/tiny-t0007")
+        'abc123-ccp_digits_tiny-t0007.parquet'
+    """
+    return _SAFE.sub("_", row_id).strip("._") + ".parquet"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_table_atomic(table: pa.Table, dest: Path) -> Path:
+    """Write ``table`` to ``dest`` via a temp file in the same folder + fsync + ``os.replace``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def write_row(rows_dir: Path, row: dict[str, Any]) -> Path:
+    """Validate one row against the schema and write ``<rows_dir>/<row_id>.parquet`` atomically.
+
+    Writing the same ``row_id`` again replaces the file (idempotent: no duplicate rows).
+
+    Raises:
+        schema.SchemaError: the row does not match the schema (nothing is written).
+    """
+    table = schema.to_table([row])
+    return write_table_atomic(table, Path(rows_dir) / row_filename(str(row[schema.ROW_ID])))
+
+
+def row_files(results_dir: Path) -> list[Path]:
+    """Every row file under a results folder or a single sweep folder, sorted."""
+    root = Path(results_dir)
+    if root.name == ROWS_DIR and root.is_dir():
+        return sorted(p for p in root.glob("*.parquet") if not p.name.startswith("."))
+    return sorted(p for p in root.glob(f"**/{ROWS_DIR}/*.parquet") if not p.name.startswith("."))
+
+
+def _read_one(path: Path) -> pa.Table:
+    table = pq.read_table(path)
+    return schema.upgrade(table)
+
+
+def read_rows(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """All rows under ``results_dir`` (a results folder or one sweep folder) as a DataFrame.
+
+    Files that cannot be read (truncated, foreign, newer schema) are skipped; each gives one
+    warning string naming the file. Duplicate ``row_id`` values (the same trial copied into two
+    folders) keep the most recently written file.
+
+    Returns:
+        ``(rows, warnings)``; the DataFrame has exactly the schema's columns.
+
+    Raises:
+        DmlbenchError: the folder does not exist or holds no row files.
+    """
+    root = Path(results_dir)
+    if not root.exists():
+        raise DmlbenchError(
+            f"results folder {str(root)!r} does not exist; run a sweep first, e.g. "
+            "`dmlbench sweep --methods proxyanchor --datasets embedded --preset smoke`."
+        )
+    files = row_files(root)
+    if not files:
+        raise DmlbenchError(
+            f"no result rows under {str(root)!r} (expected <sweep>/rows/*.parquet); run a sweep first, e.g. "
+            "`dmlbench sweep --methods proxyanchor --datasets embedded --preset smoke`."
+        )
+    tables: list[tuple[float, pa.Table]] = []
+    warnings: list[str] = []
+    for path in files:
+        try:
+            tables.append((path.stat().st_mtime, _read_one(path)))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warnings.append(f"skipped {path}: not a readable dmlbench row file ({first})")
+    if not tables:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in schema.COLUMNS}), warnings
+    tables.sort(key=lambda t: t[0])
+    df = pa.concat_tables([t for _, t in tables]).to_pandas()
+    df = df.drop_duplicates(subset=[schema.ROW_ID], keep="last").reset_index(drop=True)
+    return df, warnings
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive ``fcntl.flock`` on ``path`` (created if needed) for the ``with`` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def rebuild_leaderboard(results_dir: Path) -> Path:
+    """Rebuild ``<results_dir>/leaderboard.parquet`` from every row file, atomically.
+
+    Two processes rebuilding at once serialise on a lock file next to it; each replaces the
+    leaderboard whole, so a reader sees either the old or the new file, never a mix.
+
+    Returns:
+        The leaderboard path.
+
+    Raises:
+        DmlbenchError: there are no rows to build from.
+    """
+    root = Path(results_dir)
+    dest = root / LEADERBOARD
+    with file_lock(root / LOCK_NAME):
+        df, _warnings = read_rows(root)
+        table = pa.Table.from_pandas(df, schema=schema.SCHEMA, preserve_index=False)
+        write_table_atomic(table, dest)
+    return dest
