@@ -1,0 +1,257 @@
+"""The registered ``ccp`` method: wires the pure functions of :mod:`.functional` to the trainer.
+
+What lives where (spec §6.2):
+    * ``loss``: the multi-proxy objective (:func:`~.functional.ccp_loss`) on the raw head output;
+    * ``on_after_backward``: proximal gradient λ(θ − θ_anchor) on the network, then coupled L2
+      decay on every non-BN trainable tensor (proxies included); the trainer clips afterwards;
+    * ``on_train_start``: proxies by greedy k-center on a pool of augmented training embeddings;
+    * ``on_epoch_end``: stage control, stage-best snapshots, projection (anchor ← θ_best, λ, proxies
+      re-initialised in place, Adam state kept);
+    * ``extra_state``: anchors, snapshots, λ and the controller, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dmlbench.errors import ConfigError, DmlbenchError
+from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams, TrainContext
+from dmlbench.methods.ccp.functional import (
+    StageController,
+    ccp_loss,
+    coupled_weight_decay_,
+    lam_at,
+    pool_draws,
+    proximal_grad_,
+    select_proxies,
+    unit_ball,
+)
+from dmlbench.methods.ccp.params import CCPParams
+
+if TYPE_CHECKING:
+    from dmlbench.config import TrialConfig
+
+log = logging.getLogger(__name__)
+
+
+@METHODS.register("ccp")
+class CCP(Method):
+    """Deep Metric Learning with Chance Constraints (Gurbuz et al., WACV 2024).
+
+    ``embed(x) = unit_ball(head(trunk(x)))`` compared with Euclidean distance; the head is
+    ``Linear(feat_dim → D, bias=False)`` with Xavier-uniform init; proxies are a ``(P, C, D)``
+    parameter (row ``k*C + c`` once flattened).
+    """
+
+    name: ClassVar[str] = "ccp"
+    Params: ClassVar[type[MethodParams]] = CCPParams
+    eval_distance: ClassVar[str] = "euclidean"
+
+    def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
+        super().__init__(cfg, backbone, num_classes)
+        hp: CCPParams = self.hparams  # type: ignore[assignment]
+        self.hp = hp
+        feat_dim = getattr(backbone, "feat_dim", None)
+        if not isinstance(feat_dim, int) or not hasattr(backbone, "head"):
+            raise ConfigError(
+                "ccp needs a dmlbench Backbone (with .feat_dim and .head) to install its bias-free head; "
+                f"got {type(backbone).__name__}."
+            )
+        head = nn.Linear(feat_dim, cfg.embedding_dim, bias=False)
+        nn.init.xavier_uniform_(head.weight)
+        old = backbone.head
+        if isinstance(old, nn.Module):
+            head = head.to(next(old.parameters(), torch.empty(0)).device)
+        backbone.head = head
+        self.P = hp.proxies_per_class
+        self.pool_size = hp.effective_pool_size
+        self.proxies = nn.Parameter(torch.empty(self.P, num_classes, cfg.embedding_dim, device=head.weight.device))
+        # He-normal (std sqrt(2 / D)); only used as is with random_init, else overwritten by k-center
+        nn.init.normal_(self.proxies, std=math.sqrt(2.0 / cfg.embedding_dim))
+        self.base_kwargs, self.base_source = hp.resolved_base_params(cfg.dataset)
+        self.controller = StageController(
+            hp.stage_patience, hp.stage_min_epochs, hp.stage_min_delta, lag=int(hp.monitor_lag)
+        )
+        self.lam = 0.0
+        self.initialised = False
+        self.anchors: list[Tensor] | None = None
+        self.best_net: list[Tensor] | None = None
+        self.best_q: Tensor | None = None
+        self._warned_small_classes = False
+
+    # ---- parameter sets -------------------------------------------------------------------
+    def network_named(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable network weights (backbone + head): the proximal set, in a fixed order."""
+        return [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+
+    def decay_params(self) -> list[nn.Parameter]:
+        """Trainable tensors that get coupled L2 decay: everything but BatchNorm, proxies included."""
+        bn_ids = {
+            id(p)
+            for m in self.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)
+        }
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in bn_ids]
+
+    def flat_proxies(self) -> Tensor:
+        """``[P*C, D]`` view of the proxies, row ``k*C + c``."""
+        return self.proxies.reshape(self.P * self.num_classes, -1)
+
+    # ---- contract -------------------------------------------------------------------------
+    def loss(self, batch: Batch) -> LossOutput:
+        emb = self.backbone(batch.images)
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return ccp_loss(
+                emb.float(),
+                batch.labels,
+                self.flat_proxies().float(),
+                self.num_classes,
+                self.hp.base_loss,
+                self.hp.batch_term_weight,
+                self.hp.proxy_term_weight,
+                **self.base_kwargs,
+            )
+
+    def embed(self, images: Tensor) -> Tensor:
+        """``unit_ball(head(trunk(x)))`` in float32 (norms ≤ 1; compared with Euclidean distance)."""
+        return unit_ball(self.backbone(images).float())
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """One group (network + proxies) at ``base_lr`` with optimiser weight decay 0.
+
+        Decay is coupled L2 added in :meth:`on_after_backward` (before clipping), as in the
+        reference; Adam/AdamW also get ``betas=(0.9, adam_beta2)``.
+        """
+        params = [p for _, p in self.network_named()] + [self.proxies]
+        group: dict[str, Any] = {"params": params, "lr": base_lr, "weight_decay": 0.0, "name": "ccp"}
+        if self.cfg.optimizer in ("adam", "adamw"):
+            group["betas"] = (0.9, self.hp.adam_beta2)
+        return [group]
+
+    def iters_per_epoch(self) -> int | None:
+        return self.hp.iters_per_epoch
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def on_after_backward(self, ctx: TrainContext) -> None:
+        """Proximal gradient (network only, skipped while λ = 0), then coupled decay (``cfg.weight_decay``)."""
+        if self.anchors is not None and self.lam > 0.0:
+            proximal_grad_([p for _, p in self.network_named()], self.anchors, self.lam)
+        coupled_weight_decay_(self.decay_params(), self.cfg.weight_decay)
+
+    @torch.no_grad()
+    def reinit_proxies(self, ctx: TrainContext, seeds: Tensor) -> None:
+        """Overwrite the proxies in place by k-center on a fresh pool, ``seeds`` ``[S, C, D]``."""
+        draws = ctx.embed_train_pool(pool_draws(self.P, self.pool_size))
+        if draws.dim() != 3 or draws.shape[1] != self.num_classes:
+            raise DmlbenchError(
+                f"ccp expected pool draws of shape [T, {self.num_classes}, D], got {list(draws.shape)}."
+            )
+        new = select_proxies(
+            draws.to(self.proxies.device, torch.float32),
+            seeds.to(self.proxies.device, torch.float32),
+            self.P,
+            self.pool_size,
+            normalized=self.hp.kcenter_normalized,
+        )
+        self.proxies.data.copy_(new)  # in place: the optimiser's state for the proxies is kept
+
+    def _warn_if_pool_reuses_images(self, ctx: TrainContext) -> None:
+        counts = getattr(ctx, "train_class_counts", None)
+        if counts is None or self._warned_small_classes:
+            return
+        draws = pool_draws(self.P, self.pool_size)
+        small = [int(c) for c in counts if int(c) < draws]
+        if small:
+            self._warned_small_classes = True
+            log.warning(
+                "ccp: the candidate pool takes %d draws per class but %d training classes have fewer images "
+                "(smallest: %d); those classes reuse images under fresh augmentation.",
+                draws,
+                len(small),
+                min(small),
+            )
+
+    @torch.no_grad()
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """Initial proxies by k-center seeded with a zero vector (or random with ``random_init``).
+
+        Skipped when the state was restored from a checkpoint (the proxies are already trained).
+        """
+        if self.initialised:
+            return
+        self._warn_if_pool_reuses_images(ctx)
+        if not self.hp.random_init:
+            zero = torch.zeros(1, self.num_classes, self.proxies.shape[-1])
+            self.reinit_proxies(ctx, zero)
+        self.lam = 0.0
+        self.initialised = True
+
+    @torch.no_grad()
+    def on_epoch_end(self, ctx: TrainContext) -> dict[str, float]:
+        """Stage control on this round's validation metric; snapshot and projection."""
+        if ctx.epoch <= 0:  # the untrained network's score (eval_at_start) is not a training round
+            return self._logs(projected=False)
+        if self.hp.monitor not in ctx.val_metrics:
+            raise ConfigError(
+                f"ccp's stage monitor {self.hp.monitor!r} is not among the validation metrics "
+                f"({', '.join(sorted(ctx.val_metrics)) or 'none'}); set params.monitor to one of them."
+            )
+        event = self.controller.step(float(ctx.val_metrics[self.hp.monitor]))
+        if event.snapshot:
+            self.best_net = [p.detach().clone() for _, p in self.network_named()]
+            self.best_q = self.proxies.detach().clone()
+        if event.project:
+            assert self.best_net is not None and self.best_q is not None  # the stage's first round snapshots
+            self.anchors = self.best_net
+            self.lam = lam_at(self.controller.n_proj, self.hp.lam, self.hp.lam_decay)
+            self.reinit_proxies(ctx, self.best_q)
+        return self._logs(projected=event.project)
+
+    def _logs(self, projected: bool) -> dict[str, float]:
+        return {
+            "ccp/lambda": float(self.lam),
+            "ccp/n_projections": float(self.controller.n_proj),
+            "ccp/stage_epoch": float(self.controller.ep_in_stage),
+            "ccp/projected": float(projected),
+        }
+
+    # ---- checkpoint -----------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """Anchors, stage-best snapshots, λ and controller counters (tensors and numbers only)."""
+        state: dict[str, Any] = {
+            "initialised": bool(self.initialised),
+            "lam": float(self.lam),
+            "controller": self.controller.state_dict(),
+        }
+        if self.anchors is not None:
+            state["anchors"] = [t.detach().cpu() for t in self.anchors]
+        if self.best_net is not None:
+            state["best_net"] = [t.detach().cpu() for t in self.best_net]
+        if self.best_q is not None:
+            state["best_q"] = self.best_q.detach().cpu()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        device = self.proxies.device
+        net = self.network_named()
+        self.initialised = bool(state["initialised"])
+        self.lam = float(state["lam"])
+        self.controller.load_state_dict(state["controller"])
+
+        def tensors(key: str) -> list[Tensor] | None:
+            if key not in state:
+                return None
+            ts = list(state[key])
+            if len(ts) != len(net) or any(t.shape != p.shape for t, (_, p) in zip(ts, net)):
+                raise ValueError(f"ccp checkpoint {key!r} does not match this network's trainable weights")
+            return [t.to(device) for t in ts]
+
+        self.best_net = tensors("best_net")
+        self.anchors = tensors("anchors")
+        self.best_q = state["best_q"].to(device) if "best_q" in state else None
