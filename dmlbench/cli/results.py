@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import pandas as pd
 import typer
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from dmlbench.cli import app, console, err_console, friendly
@@ -48,6 +51,15 @@ def _rich_table(title: str, df: pd.DataFrame) -> Table:
     return table
 
 
+def _print_wide(table: Table) -> None:
+    """Print a table at its natural width, even when wider than the terminal (nothing squeezed away)."""
+    need = Measurement.get(console, console.options.update(width=10_000), table).maximum
+    if need <= console.width:
+        console.print(table)
+    else:
+        Console(file=sys.stdout, width=need, force_terminal=console.is_terminal).print(table)
+
+
 @app.command("leaderboard")
 @friendly
 def leaderboard_cmd(
@@ -86,9 +98,9 @@ def leaderboard_cmd(
     else:
         for ds in sorted(set(lb.final) | set(lb.search)):
             if ds in lb.final:
-                console.print(_rich_table(lbm.final_title(ds), lbm.display_final(lb.final[ds], lb.sort)))
+                _print_wide(_rich_table(lbm.final_title(ds), lbm.display_final(lb.final[ds], lb.sort)))
                 cites = sorted(set(lb.final[ds].loc[lb.final[ds]["source"] == "paper", "citation"]))
                 for c in cites:
                     console.print(f"  [dim]paper:[/] {c}", highlight=False, soft_wrap=True)
             if ds in lb.search:
-                console.print(_rich_table(lbm.search_title(ds), lbm.display_search(lb.search[ds], lb.sort)))
+                _print_wide(_rich_table(lbm.search_title(ds), lbm.display_search(lb.search[ds], lb.sort)))
