@@ -1,0 +1,240 @@
+"""The registered ``nivmf`` method: (PANC +) EL-nivMF with non-isotropic vMF class proxies.
+
+Wires the pure functions of :mod:`dmlbench.methods.nivmf.vmf` and
+:mod:`dmlbench.methods.nivmf.functional` into the Method contract (spec ``shared/specs/nivmf.md``
+§1–§2, §6). Evaluation uses the normalised embedding with cosine similarity (spec §3).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from dmlbench.errors import ConfigError, Diverged
+from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams, TrainContext
+from dmlbench.methods.nivmf.functional import class_mean_directions, el_nivmf_loss
+from dmlbench.methods.nivmf.vmf import CODE_POLY_DIMS, check_log_cp_dim, log_cp
+
+if TYPE_CHECKING:
+    from dmlbench.config import TrialConfig
+
+
+class NivmfParams(MethodParams):
+    """Hyper-parameters of nivMF. Defaults: the CUB200 / D = 128 recipe of ``example_runs.sh``.
+
+    The reference flag each one corresponds to is given in ``docs/methods/nivmf.md``.
+    """
+
+    concentration: float = Field(default=6.0, gt=0, description="initial per-dimension proxy κ and initial ‖proxy_v‖")
+    init_norm_multiplier: float = Field(default=30.0, gt=0, description="scales the head's initial weights (image κ)")
+    temp: float = Field(default=0.003, gt=0, description="initial temperature T of the ELK logits")
+    temp_learnable: bool = True
+    temp_param: Literal["raw", "log"] = Field(
+        default="raw", description="raw: T itself is the parameter (reference); log: log T is (T stays > 0)"
+    )
+    n_samples: int = Field(default=5, ge=1, description="MC samples S per image, shared by all classes")
+    guidance_w: float = Field(default=3.0, ge=0, description="weight of the ProxyAnchor guidance term")
+    pa_alpha: float = Field(default=32.0, gt=0)
+    pa_delta: float = Field(default=0.1, ge=0)
+    kappa_min: float = Field(default=0.1, gt=0, description="floor of the per-dimension proxy concentrations")
+    stretch_samples: bool = Field(default=False, description="form (B): stretch samples by K_c (paper); False = code")
+    log_cp: Literal["auto", "code_poly", "exact"] = Field(
+        default="auto", description="auto: code_poly for D in {128, 512} (recipes), exact otherwise"
+    )
+    sampler: Literal["exact", "code"] = Field(
+        default="exact", description="Wood's b: exact, or the reference code's blended b (biased for 10 < κ ≲ D)"
+    )
+    warm_start: bool = Field(default=True, description="init proxies from class-mean embeddings (every recipe)")
+    subsample_p: float = Field(default=1.0, gt=0, le=1, description="fraction of non-batch classes in the EL softmax")
+    proxy_lr_mult: float = Field(default=5000.0, gt=0, description="proxy-direction lr = lr × this")
+    kappa_lr_mult: float = Field(default=20000.0, gt=0, description="proxy-concentration lr = lr × this")
+    temp_lr_mult: float = Field(default=200.0, gt=0, description="temperature lr = lr × this")
+
+    @model_validator(mode="after")
+    def _checks(self) -> NivmfParams:
+        for name in ("concentration", "init_norm_multiplier", "temp", "kappa_min"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite")
+        return self
+
+
+def resolve_log_cp_mode(mode: str, dim: int) -> Literal["code_poly", "exact"]:
+    """The concrete log C_D mode for ``embedding_dim``; ConfigError when it is unsafe there."""
+    resolved: Literal["code_poly", "exact"]
+    if mode == "auto":
+        resolved = "code_poly" if dim in CODE_POLY_DIMS else "exact"
+    elif mode in ("code_poly", "exact"):
+        resolved = mode  # type: ignore[assignment]
+    else:
+        raise ConfigError(f"unknown nivmf log_cp {mode!r}; valid values: auto, code_poly, exact.")
+    try:
+        check_log_cp_dim(dim, resolved)
+    except ValueError as err:
+        raise ConfigError(f"nivmf: {err}.") from None
+    return resolved
+
+
+@METHODS.register("nivmf")
+class Nivmf(Method):
+    """EL-nivMF (Kirchhof, Roth et al., ECCV 2022), optionally with ProxyAnchor guidance (PANC).
+
+    Modules/parameters: ``backbone`` (raw embeddings, no normalisation), ``proxy_v`` [C, D]
+    (unnormalised proxy vectors, only their direction is used), ``kappa_raw`` [C, D]
+    (per-dimension concentrations, floored at ``kappa_min`` in the loss), ``temp_raw`` (T or log T).
+    ``embed`` returns the L2-normalised embedding (cosine retrieval, spec §3).
+    """
+
+    name = "nivmf"
+    Params = NivmfParams
+    eval_distance = "cosine"
+
+    def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
+        super().__init__(cfg, backbone, num_classes)
+        hp: NivmfParams = self.hparams  # type: ignore[assignment]
+        dim = cfg.embedding_dim
+        self.dim = dim
+        self.log_cp_mode = resolve_log_cp_mode(hp.log_cp, dim)
+        if num_classes < 2:
+            raise ConfigError(f"nivmf needs at least 2 training classes, got {num_classes}.")
+        proxy = torch.empty(num_classes, dim)
+        nn.init.xavier_normal_(proxy, gain=hp.concentration)
+        self.proxy_v = nn.Parameter(proxy)
+        self.kappa_raw = nn.Parameter(torch.full((num_classes, dim), hp.concentration))
+        t0 = math.log(hp.temp) if hp.temp_param == "log" else hp.temp
+        self.temp_raw = nn.Parameter(torch.tensor(t0), requires_grad=hp.temp_learnable)
+        #: set once the warm start ran, so a resumed run (state loaded) does not redo it
+        self.register_buffer("proxies_initialised", torch.tensor(False))
+        self._generator: torch.Generator | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._sub_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    @classmethod
+    def check_trial_config(cls, cfg: TrialConfig) -> None:
+        """Config-time checks that need trial fields (embedding_dim); raises ConfigError."""
+        resolve_log_cp_mode(str(cfg.params.get("log_cp", "auto")), cfg.embedding_dim)
+
+    @classmethod
+    def build(cls, cfg: TrialConfig, backbone: nn.Module, num_classes: int) -> Nivmf:
+        """Construct, and scale the head's initial weights by ``init_norm_multiplier`` (spec §1.1)."""
+        method = cls(cfg, backbone, num_classes)
+        head = getattr(backbone, "head", None)
+        if not isinstance(head, nn.Linear):
+            raise ConfigError("nivmf needs a backbone with a linear `head` (the engine's Backbone) to set the initial norm.")
+        with torch.no_grad():
+            head.weight.mul_(method.params.init_norm_multiplier)
+        return method
+
+    @property
+    def params(self) -> NivmfParams:
+        return self.hparams  # type: ignore[return-value]
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def temperature(self) -> Tensor:
+        """The current temperature T (float32)."""
+        t = self.temp_raw.float()
+        return torch.exp(t) if self.params.temp_param == "log" else t
+
+    def log_cp_fn(self, r: Tensor) -> Tensor:
+        return log_cp(r, self.dim, self.log_cp_mode)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The sampler's own random source, seeded from the trial seed (checkpointed)."""
+        if self._generator is None or self._generator.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.cfg.seed)
+            self._generator = gen
+            if self._pending_rng is not None:
+                self._restore_rng(self._pending_rng)
+                self._pending_rng = None
+        return self._generator
+
+    # ---- contract -------------------------------------------------------------------------------
+    def loss(self, batch: Batch) -> LossOutput:
+        hp = self.params
+        emb = self.backbone(batch.images)
+        device_type = emb.device.type
+        with torch.autocast(device_type=device_type, enabled=False):  # logits reach ~1e5 (spec P10)
+            emb = emb.float()
+            temp = self.temperature()
+            total, parts = el_nivmf_loss(
+                emb, batch.labels, self.proxy_v.float(), self.kappa_raw.float(), temp, self.log_cp_fn,
+                n_samples=hp.n_samples, guidance_w=hp.guidance_w, generator=self.generator(emb.device),
+                stretch=hp.stretch_samples, kappa_min=hp.kappa_min, alpha=hp.pa_alpha, delta=hp.pa_delta,
+                sampler_blend=hp.sampler == "code", subsample=hp.subsample_p,
+                subsample_generator=self._sub_generator,
+            )
+        terms: dict[str, float | Tensor] = dict(parts.as_dict())
+        terms["temp"] = temp.detach()
+        terms["proxy_kappa_mean"] = torch.clamp(self.kappa_raw.detach(), min=hp.kappa_min).mean()
+        return LossOutput(total, terms)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """The normalised embedding (the image vMF's mode), compared by cosine."""
+        return nn.functional.normalize(self.backbone(images).float(), dim=-1)
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """backbone (lr, default wd), proxies / kappa / temp (lr × multiplier, wd 0)."""
+        hp = self.params
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": base_lr, "name": "backbone"},
+            {"params": [self.proxy_v], "lr": base_lr * hp.proxy_lr_mult, "weight_decay": 0.0, "name": "proxies"},
+            {"params": [self.kappa_raw], "lr": base_lr * hp.kappa_lr_mult, "weight_decay": 0.0, "name": "kappa"},
+        ]
+        if self.temp_raw.requires_grad:
+            groups.append({"params": [self.temp_raw], "lr": base_lr * hp.temp_lr_mult, "weight_decay": 0.0,
+                           "name": "temp"})
+        return groups
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        """Warm start: proxies ← normalised class means of the untrained network × concentration."""
+        if not self.params.warm_start or bool(self.proxies_initialised):
+            return
+        embeds, labels = ctx.embed_train_set()
+        dirs = class_mean_directions(embeds.float().to(self.proxy_v.device), labels.to(self.proxy_v.device),
+                                     self.num_classes)
+        self.proxy_v.copy_(dirs * self.params.concentration)
+        self.proxies_initialised.fill_(True)
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        """A raw temperature that reached T ≤ 0 (nothing bounds it, spec P3) is a divergence."""
+        t = float(self.temperature())
+        if not t > 0 or not math.isfinite(t):
+            raise Diverged(ctx.step, float("nan"), {"temp": t})
+
+    def on_epoch_end(self, ctx: TrainContext) -> dict[str, float]:
+        k = torch.clamp(self.kappa_raw.detach(), min=self.params.kappa_min)
+        return {
+            "temp": float(self.temperature()),
+            "proxy_kappa_mean": float(k.mean()),
+            "proxy_kappa_dead_frac": float((self.kappa_raw.detach() < self.params.kappa_min).float().mean()),
+        }
+
+    # ---- checkpointed RNG state -----------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"subsample_rng": self._sub_generator.get_state()}
+        if self._generator is not None:
+            out["sampler_rng"] = self._generator.get_state()
+        elif self._pending_rng is not None:
+            out["sampler_rng"] = self._pending_rng["sampler_rng"]
+        return out
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"subsample_rng", "sampler_rng"}
+        if unknown:
+            raise ValueError(f"nivmf checkpoint has unknown extra state {sorted(unknown)}")
+        if "subsample_rng" in state:
+            self._sub_generator.set_state(state["subsample_rng"].cpu())
+        if "sampler_rng" in state:
+            if self._generator is None:
+                self._pending_rng = {"sampler_rng": state["sampler_rng"]}
+            else:
+                self._restore_rng(state)
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        assert self._generator is not None
+        self._generator.set_state(state["sampler_rng"].cpu())
