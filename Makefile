@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip >/dev/null
 	$(BIN)/python -m pip install -q $(PIP_C) -e ".[dev]"
+	@# A CPU-only torch wheel (e.g. a local "+cpu" build picked up through pip's find-links) cannot
+	@# load torchvision's compiled ops, which timm needs; replace it with the registry's build of the
+	@# same version (runs on CPU too).
+	@$(BIN)/python -c "import torchvision, timm" 2>/dev/null || { \
+	  echo "torchvision cannot load with this torch build; installing torch $$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])') from the package index"; \
+	  $(BIN)/python -m pip install -q --isolated --force-reinstall \
+	    "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])')" ; }
+	$(BIN)/python -c "import torch, torchvision, timm, ray, optuna, faiss; print('dmlbench venv ready: torch', torch.__version__)"
 	@touch $(STAMP)
 
 venv: $(STAMP)
