@@ -104,3 +104,32 @@ def leaderboard_cmd(
                     console.print(f"  [dim]paper:[/] {c}", highlight=False, soft_wrap=True)
             if ds in lb.search:
                 _print_wide(_rich_table(lbm.search_title(ds), lbm.display_search(lb.search[ds], lb.sort)))
+
+
+@app.command("report")
+@friendly
+def report_cmd(
+    results_dir: ResultsDir = DEFAULT_RESULTS,
+    *,
+    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained, plots embedded)")] = Path(
+        "report.html"
+    ),
+    png: Annotated[Path | None, typer.Option("--png", help="also write every plot as a PNG into this folder")] = None,
+    sort: Annotated[str, typer.Option("--sort", help="metric of the tables and plots, e.g. map_at_r")] = lbm.DEFAULT_SORT,
+    with_paper: Annotated[bool, typer.Option("--with-paper", help="show published numbers in the tables")] = False,
+) -> None:
+    """Write an HTML report: leaderboards, search progress, parameter importance, seed spread, accuracy vs GPU-hours."""
+    from dmlbench.results.report import write_report
+
+    lbm.check_sort(sort)
+    rows, warnings = load_rows(results_dir)
+    paper = None
+    if with_paper:
+        from dmlbench.results.paper import paper_rows
+
+        paper = paper_rows()
+    with console.status("rendering plots…"):
+        files = write_report(
+            rows, out, png_dir=png, sort=sort, paper=paper, warnings=warnings, source=str(results_dir)
+        )
+    console.print(f"wrote {files[0]}" + (f" and {len(files) - 1} PNG files under {png}" if png else ""))
