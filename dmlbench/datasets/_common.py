@@ -320,13 +320,31 @@ class BenchmarkSource(DatasetSource):
             msg += f", {len(self.skipped)} corrupt skipped"
         if not self.options["expect_full"]:
             msg += " (full-size counts not asserted)"
-        return DatasetCheck(
-            self.name,
-            "found",
-            msg,
-            counts=counts,
-            split_hash=split_hash(table.labels, table.split),
-        )
+        try:
+            hash_ = protocol_split_hash(table, self.name)
+        except DatasetError as err:
+            return DatasetCheck(self.name, "malformed", str(err), counts=counts)
+        return DatasetCheck(self.name, "found", msg, counts=counts, split_hash=hash_)
+
+
+#: fold settings of the split hash shown by ``check()`` (TrialConfig's defaults)
+CHECK_NUM_FOLDS = 4
+CHECK_SPLIT_SEED = 0
+
+
+def protocol_split_hash(
+    table: SampleTable, dataset: str, num_folds: int = CHECK_NUM_FOLDS, split_seed: int = CHECK_SPLIT_SEED
+) -> str:
+    """Hash of the split manifest a sweep with these fold settings uses (``dmlbench.datasets.splits``).
+
+    Falls back to :func:`split_hash` (official class split only) while ``splits`` is not available;
+    raises :class:`DatasetError` when the training classes are too few for the folds.
+    """
+    try:
+        from dmlbench.datasets.splits import make_manifest
+    except ImportError:  # pragma: no cover - the splits module is part of the package
+        return split_hash(table.labels, table.split)
+    return make_manifest(table, dataset, num_folds=num_folds, split_seed=split_seed).hash
 
 
 def listing_counts(

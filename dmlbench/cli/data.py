@@ -1,0 +1,58 @@
+"""``dmlbench datasets check``: is every requested dataset present and well-formed?"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dmlbench.cli import EXIT_USER_ERROR, console, datasets_app, friendly
+
+
+@datasets_app.command("check")
+@friendly
+def check(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="datasets to check (comma or space separated); 'all' = cub200, cars196, sop, inshop"),
+    ] = None,
+    *,
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", help="folder holding the dataset folders (default $DMLBENCH_DATA)")
+    ] = None,
+    skip_corrupt: Annotated[
+        bool, typer.Option("--skip-corrupt", help="decode every image; count and skip the ones that fail")
+    ] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="decode every image and fail on the first corrupt one")] = False,
+    subset: Annotated[
+        bool, typer.Option("--subset", help="accept partial datasets: do not assert the full-size counts")
+    ] = False,
+) -> None:
+    """Per dataset: found / missing / malformed, image and class counts, split hash.
+
+    Exits with status 2 if any requested dataset is unusable.
+    """
+    from dmlbench.datasets.checks import check_datasets
+
+    results = check_datasets(
+        names, data_root, expect_full=not subset, skip_corrupt=skip_corrupt, verify_images=verify
+    )
+    table = Table(title="datasets")
+    for col in ("dataset", "status", "images", "classes", "train / test images", "split hash", "message"):
+        table.add_column(col, overflow="fold")
+    colours = {"found": "green", "missing": "yellow", "malformed": "red"}
+    for r in results:
+        c = r.counts
+        table.add_row(
+            r.name,
+            f"[{colours[r.status]}]{r.status}[/]",
+            f"{c['images']:,}" if "images" in c else "-",
+            f"{c['classes']:,}" if "classes" in c else "-",
+            f"{c['train_images']:,} / {c['test_images']:,}" if "train_images" in c else "-",
+            r.split_hash or "-",
+            r.message,
+        )
+    console.print(table)
+    if not all(r.usable for r in results):
+        raise typer.Exit(EXIT_USER_ERROR)
