@@ -123,6 +123,14 @@ class Method(nn.Module):
         self.num_classes = num_classes
 
     @classmethod
+    def recommended(cls, dataset: str, embedded: bool) -> dict[str, Any]:
+        """Overrides of trial keys (and ``"params"``) this method recommends for a dataset; applied
+        by ``dmlbench train``/``sweep`` after the dataset's preset and before the user's values.
+        Default: none. E.g. a method whose proxy LR multipliers assume a pretrained ResNet can
+        scale them down for the from-scratch ``tiny`` backbone on embedded data."""
+        return {}
+
+    @classmethod
     def build(cls, cfg: TrialConfig, backbone: nn.Module, num_classes: int) -> Method:
         """Construct the method around ``backbone`` (which outputs ``cfg.embedding_dim`` features)."""
         return cls(cfg, backbone, num_classes)

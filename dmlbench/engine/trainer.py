@@ -1,0 +1,549 @@
+"""The training loop: one method × dataset × backbone run, Ray-free (DESIGN §2).
+
+``train(cfg, report=fn)`` trains the run described by a :class:`TrialConfig`, evaluates on the
+validation fold every ``eval_every`` epochs, keeps ``last`` and ``best`` checkpoints, resumes
+exactly from ``last``, stops early on the chosen metric, and in the final phase evaluates the best
+checkpoint once on the test split. ``fn(epoch, metrics, checkpoint_dir)`` is called after every
+evaluation; the Ray trainable uses it to report to Tune. The loop never knows a method's name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dmlbench.config import TrialConfig
+from dmlbench.datasets import DATASETS, DatasetSource, SampleTable
+from dmlbench.datasets.splits import SplitManifest, TrialSplit, make_manifest, trial_split
+from dmlbench.datasets.torchdata import ClassBalancedBatchSampler, ImageDataset, make_loader
+from dmlbench.datasets.transforms import build_transform
+from dmlbench.engine.backbones import build_backbone
+from dmlbench.errors import CheckpointError, ConfigError, DatasetError, Diverged
+from dmlbench.methods import METHODS, Method, TrainContext
+from dmlbench.methods.base import check_param_groups
+
+Report = Callable[[int, dict[str, float], "str | None"], None]
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns (also what a result row is built from)."""
+
+    cfg: TrialConfig
+    metrics: dict[str, float]
+    eval_split: str
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    wall_time_s: float
+    split_hash: str
+    pretrained_id: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    test_metrics: dict[str, float] | None = None
+    stopped_early: bool = False
+
+
+# ---- small utilities ---------------------------------------------------------------------
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} was asked for but CUDA is not available; use device=cpu or auto.")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """Scoped deterministic algorithms / cuDNN settings; previous values are restored."""
+    if not enabled:
+        yield
+        return
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[1], prev[2]
+
+
+def autocast_for(cfg: TrialConfig, device: torch.device) -> Any:
+    """bf16 autocast on CUDA when ``amp`` is auto/bf16; on CPU only when ``amp='bf16'``."""
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def data_root(cfg: TrialConfig) -> str | None:
+    return cfg.data_root or os.environ.get("DMLBENCH_DATA")
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, epoch, salt]).generate_state(1)[0])
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, cfg: TrialConfig | None = None) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``); a corrupt one or one from another run is a
+    :class:`CheckpointError` naming the path."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decode failure is the same user error
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}); delete it to start the run over."
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_VERSION or "config" not in ckpt:
+        raise CheckpointError(f"{str(path)!r} is not a dmlbench checkpoint of format {CHECKPOINT_VERSION}.")
+    if cfg is not None:
+        theirs = ckpt["config"]
+        for key in ("method", "dataset", "backbone", "embedding_dim"):
+            if theirs.get(key) != getattr(cfg, key):
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r} belongs to a run with {key}={theirs.get(key)!r}, not "
+                    f"{getattr(cfg, key)!r}; use another output folder or delete the checkpoint."
+                )
+    return ckpt  # type: ignore[no-any-return]
+
+
+def check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as err:
+        raise ConfigError(f"output folder {str(path)!r} is not writable ({err.strerror}); choose another.") from None
+
+
+# ---- data --------------------------------------------------------------------------------
+@dataclass
+class TrialData:
+    source: DatasetSource
+    table: SampleTable
+    manifest: SplitManifest
+    split: TrialSplit
+    label_map: dict[int, int]
+
+
+def prepare_data(cfg: TrialConfig) -> TrialData:
+    """Load the dataset, make the fold manifest and pick this trial's images; checks that the
+    requested batches can be formed."""
+    source = DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
+    table = source.table()
+    manifest = make_manifest(table, cfg.dataset, cfg.num_folds, cfg.split_seed)
+    split = trial_split(table, manifest, cfg.phase, cfg.fold)
+    label_map = {c: i for i, c in enumerate(split.train_classes)}
+    counts = np.bincount([label_map[int(c)] for c in table.labels[split.train]], minlength=len(label_map))
+    if cfg.classes_per_batch > len(label_map):
+        raise DatasetError(
+            f"classes_per_batch={cfg.classes_per_batch} but this trial trains on {len(label_map)} classes of "
+            f"{cfg.dataset}; lower classes_per_batch."
+        )
+    enough = int((counts >= cfg.samples_per_class).sum())
+    if enough < cfg.classes_per_batch:
+        raise DatasetError(
+            f"a batch cannot be formed: samples_per_class={cfg.samples_per_class} but only {enough} training classes "
+            f"of {cfg.dataset} have that many images (smallest class: {int(counts.min())}); lower samples_per_class."
+        )
+    if enough < len(label_map):
+        small = [c for c, i in label_map.items() if counts[i] < cfg.samples_per_class]
+        raise DatasetError(
+            f"training classes {small[:5]} of {cfg.dataset} have fewer than samples_per_class="
+            f"{cfg.samples_per_class} images; lower samples_per_class."
+        )
+    return TrialData(source, table, manifest, split, label_map)
+
+
+# ---- evaluation --------------------------------------------------------------------------
+@torch.no_grad()
+def embed_indices(
+    method: Method, table: SampleTable, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
+    embedded: bool,
+) -> dict[str, Tensor]:
+    ds = ImageDataset(table, indices, build_transform(cfg.image_size, train=False, embedded=embedded))
+    loader = make_loader(ds, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
+    was_training = method.training
+    method.eval()
+    parts: dict[str, list[Tensor]] = {}
+    try:
+        for batch in loader:
+            with autocast_for(cfg, device):
+                out = method.embed_for_eval(batch.images.to(device, non_blocking=True))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+    finally:
+        method.train(was_training)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def evaluate_indices(
+    method: Method, data: TrialData, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
+    query_gallery: bool = False,
+) -> dict[str, float]:
+    """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery)."""
+    from dmlbench.evaluation import evaluate_embeddings
+
+    embs = embed_indices(method, data.table, indices, cfg, device, data.source.embedded)
+    labels = data.table.labels[indices]
+    kwargs: dict[str, Any] = dict(
+        recall_ks=data.source.recall_ks, distance=method.eval_distance, chunk_size=cfg.eval_chunk,
+        backend=cfg.knn_backend, seed=cfg.seed,
+    )
+    if query_gallery and data.table.is_query is not None and data.table.is_gallery is not None:
+        kwargs["query_mask"] = data.table.is_query[indices]
+        kwargs["gallery_mask"] = data.table.is_gallery[indices]
+    metrics: dict[str, float] = {}
+    for key, emb in embs.items():
+        res = evaluate_embeddings(emb, labels, **kwargs)
+        prefix = f"{key}/" if key else ""
+        metrics.update({f"{prefix}{k}": float(v) for k, v in res.items()})
+    return metrics
+
+
+# ---- optimisation ------------------------------------------------------------------------
+def make_optimizer(cfg: TrialConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    groups = [{k: v for k, v in g.items()} for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+
+
+def make_scheduler(cfg: TrialConfig, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+# ---- the loop ----------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, enabled: bool, total_epochs: int, label: str):
+        self.enabled = enabled
+        self.total = total_epochs
+        self.label = label
+
+    def epoch(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        if not self.enabled:
+            return
+        shown = {k: metrics[k] for k in ("loss", "map_at_r", "precision_at_1", "recall_at_1") if k in metrics}
+        text = "  ".join(f"{k}={v:.4f}" for k, v in shown.items())
+        print(f"[{self.label}] epoch {epoch}/{self.total} ({seconds:.1f}s)  {text}", file=sys.stderr, flush=True)
+
+
+def train(cfg: TrialConfig, report: Report | None = None) -> TrainResult:
+    """Train one run; see the module docstring. Raises :class:`Diverged` on a non-finite loss."""
+    t_start = time.time()
+    device = resolve_device(cfg.device)
+    method_cls = METHODS.get(cfg.method)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    if out_dir is not None:
+        check_writable(out_dir)
+    if cfg.early_stop_metric.split("/")[-1] not in _KNOWN_METRICS and not cfg.early_stop_metric.startswith("recall_at_"):
+        raise ConfigError(
+            f"unknown early_stop_metric {cfg.early_stop_metric!r}; use one of {', '.join(sorted(_KNOWN_METRICS))} "
+            f"or recall_at_K."
+        )
+    data = prepare_data(cfg)
+    seed_everything(cfg.seed)
+    with deterministic_mode(cfg.deterministic):
+        backbone = build_backbone(cfg)
+        method = method_cls.build(cfg, backbone, num_classes=len(data.label_map)).to(device)
+        groups = method.param_groups(cfg.lr)
+        check_param_groups(method, groups)
+        optimizer = make_optimizer(cfg, groups)
+        scheduler = method.configure_scheduler(optimizer, cfg.epochs) or make_scheduler(cfg, optimizer)
+        return _Loop(cfg, data, method, optimizer, scheduler, device, out_dir, report, t_start).run()
+
+
+_KNOWN_METRICS = {"map_at_r", "r_precision", "precision_at_1", "nmi", "f1"}
+
+
+class _Loop:
+    def __init__(
+        self, cfg: TrialConfig, data: TrialData, method: Method, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, out_dir: Path | None,
+        report: Report | None, t_start: float,
+    ):
+        self.cfg, self.data, self.method = cfg, data, method
+        self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
+        self.out_dir, self.report, self.t_start = out_dir, report, t_start
+        self.ckpt_dir = out_dir / "checkpoints" if out_dir else None
+        embedded = data.source.embedded
+        self.train_ds = ImageDataset(
+            data.table, data.split.train, build_transform(cfg.image_size, train=True, embedded=embedded),
+            data.label_map, n_views=method.n_views,
+        )
+        batch_size = cfg.classes_per_batch * cfg.samples_per_class
+        self.iters = method.iters_per_epoch() or cfg.iters_per_epoch or max(1, len(self.train_ds) // batch_size)
+        self.sampler = ClassBalancedBatchSampler(
+            self.train_ds.labels, cfg.classes_per_batch, cfg.samples_per_class, self.iters, cfg.seed
+        )
+        self.loader = make_loader(self.train_ds, sampler=self.sampler, num_workers=cfg.num_workers)
+        self.epoch = 0
+        self.step = 0
+        self.best_value = -math.inf
+        self.best_epoch = 0
+        self.wait = 0
+        self.history: list[dict[str, float]] = []
+        self.best_metrics: dict[str, float] = {}
+        self.stopped_early = False
+        self.ctx = TrainContext(
+            cfg=cfg, device=device, optimizer=optimizer, train_loader=self._batches(),
+            embed_train_pool=self.embed_train_pool, embed_train_set=self.embed_train_set,
+        )
+        self.progress = _Progress(cfg.progress, cfg.epochs, f"{cfg.method}/{cfg.dataset}")
+
+    # -- hooks' data access ------------------------------------------------------------------
+    def _batches(self) -> Iterator[Any]:
+        """Endless training batches (for hooks such as DiVA's queue fill)."""
+        e = 10_000
+        while True:
+            self.sampler.set_epoch(e)
+            yield from self.loader
+            e += 1
+
+    @torch.no_grad()
+    def embed_train_pool(self, draws: int) -> Tensor:
+        """``draws`` × one training image per class (train transform), raw ``pool_embed`` [T, C, D]."""
+        rng = np.random.default_rng(epoch_seed(self.cfg.seed, self.epoch, 1000 + self.step))
+        labels = self.train_ds.labels
+        C = len(self.data.label_map)
+        order = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in range(C)}
+        picks = np.empty((draws, C), np.int64)
+        for c in range(C):
+            q: list[int] = []
+            for t in range(draws):
+                if not q:
+                    q = list(order[c]) if t == 0 else list(rng.permutation(np.flatnonzero(labels == c)))
+                picks[t, c] = q.pop(0)
+        flat = picks.reshape(-1)
+        ds = ImageDataset(self.data.table, self.train_ds.indices[flat], self.train_ds.transform)
+        loader = make_loader(ds, batch_size=128, num_workers=self.cfg.num_workers)
+        return self._pool_embed(loader).reshape(draws, C, -1)
+
+    @torch.no_grad()
+    def embed_train_set(self) -> tuple[Tensor, Tensor]:
+        ds = ImageDataset(
+            self.data.table, self.data.split.train,
+            build_transform(self.cfg.image_size, train=False, embedded=self.data.source.embedded),
+            self.data.label_map,
+        )
+        loader = make_loader(ds, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers)
+        return self._pool_embed(loader), torch.from_numpy(ds.labels)
+
+    def _pool_embed(self, loader: Any) -> Tensor:
+        was = self.method.training
+        self.method.eval()
+        try:
+            out = []
+            for batch in loader:
+                with autocast_for(self.cfg, self.device):
+                    out.append(self.method.pool_embed(batch.images.to(self.device)).float())
+            return torch.cat(out)
+        finally:
+            self.method.train(was)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_VERSION,
+            "config": self.cfg.to_dict(),
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "extra": self.method.extra_state(),
+            "trainer": {
+                "epoch": self.epoch, "step": self.step, "best_value": self.best_value,
+                "best_epoch": self.best_epoch, "wait": self.wait, "history": self.history,
+                "best_metrics": self.best_metrics, "stopped_early": self.stopped_early,
+            },
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def _save(self, name: str) -> None:
+        if self.ckpt_dir is not None:
+            atomic_torch_save(self._state(), self.ckpt_dir / f"{name}.pt")
+
+    def _resume(self) -> bool:
+        if self.ckpt_dir is None or not (self.ckpt_dir / "last.pt").exists():
+            return False
+        path = self.ckpt_dir / "last.pt"
+        ckpt = load_checkpoint(path, self.cfg)
+        try:
+            self.method.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.method.load_extra_state(ckpt["extra"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not match this run's model ({type(err).__name__}: {str(err)[:200]}); "
+                f"delete it to start over."
+            ) from None
+        t = ckpt["trainer"]
+        self.epoch, self.step = int(t["epoch"]), int(t["step"])
+        self.best_value, self.best_epoch, self.wait = float(t["best_value"]), int(t["best_epoch"]), int(t["wait"])
+        self.history, self.best_metrics = list(t["history"]), dict(t["best_metrics"])
+        self.stopped_early = bool(t["stopped_early"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        return True
+
+    # -- main --------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        has_val = self.data.split.val is not None
+        if not self._resume():
+            with torch.no_grad():
+                self.method.on_train_start(self.ctx)
+            if cfg.eval_at_start and has_val:
+                metrics = self._validate()
+                self.history.append({"epoch": 0, **metrics})
+                self._emit(0, metrics)
+        self.method.train()
+        while self.epoch < cfg.epochs and not self.stopped_early and not self._budget_done():
+            self.epoch += 1
+            t0 = time.time()
+            losses = self._train_epoch()
+            self.scheduler.step()
+            metrics = {"loss": losses.pop("loss", float("nan")), **losses, "lr": self.optimizer.param_groups[0]["lr"]}
+            evaluated = has_val and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs or self._budget_done())
+            if evaluated:
+                metrics.update(self._validate())
+            self.ctx.epoch, self.ctx.step = self.epoch, self.step
+            self.ctx.val_metrics = {k: v for k, v in metrics.items()} if evaluated else {}
+            self.ctx.log = {}
+            if evaluated or not has_val:
+                with torch.no_grad():
+                    metrics.update(self.method.on_epoch_end(self.ctx))
+            metrics.update(self.ctx.log)
+            self.history.append({"epoch": self.epoch, **metrics})
+            if evaluated:
+                self._track_best(metrics)
+            self._save("last")
+            self.progress.epoch(self.epoch, metrics, time.time() - t0)
+            if evaluated or not has_val:
+                self._emit(self.epoch, metrics)
+        return self._finish()
+
+    def _budget_done(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _train_epoch(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.sampler.set_epoch(self.epoch)
+        torch.manual_seed(epoch_seed(cfg.seed, self.epoch))
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in self.loader:
+            batch = batch.to(self.device)
+            with autocast_for(cfg, self.device):
+                out = self.method.loss(batch)
+            total = out.total.float()
+            if not torch.isfinite(total):
+                raise Diverged(self.step + 1, float(total), {k: v for k, v in out.logs().items() if k != "loss"})
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.ctx.step = self.step
+            self.method.on_after_backward(self.ctx)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            if cfg.grad_clip_value is not None:
+                torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
+            self.optimizer.step()
+            self.step += 1
+            self.ctx.step = self.step
+            with torch.no_grad():
+                self.method.on_step_end(self.ctx)
+            logs = out.logs()
+            logs.update(self.method.log_stats(batch))
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            if self._budget_done():
+                break
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def _validate(self) -> dict[str, float]:
+        assert self.data.split.val is not None
+        return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device)
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        key = self.cfg.early_stop_metric
+        if key not in metrics:
+            raise ConfigError(f"early_stop_metric {key!r} is not among the evaluated metrics ({', '.join(sorted(metrics))}).")
+        value = metrics[key]
+        if value > self.best_value + self.cfg.early_stop_min_delta:
+            self.best_value, self.best_epoch, self.wait = value, self.epoch, 0
+            self.best_metrics = {k: v for k, v in metrics.items()}
+            self._save("best")
+        else:
+            self.wait += 1
+            if self.cfg.early_stop_patience is not None and self.wait >= self.cfg.early_stop_patience:
+                self.stopped_early = True
+
+    def _emit(self, epoch: int, metrics: dict[str, float]) -> None:
+        if self.report is not None:
+            self.report(epoch, metrics, str(self.ckpt_dir) if self.ckpt_dir else None)
+
+    def _finish(self) -> TrainResult:
+        cfg, data = self.cfg, self.data
+        has_val = data.split.val is not None
+        test_metrics = None
+        if cfg.phase == "final" and data.split.test is not None:
+            if has_val and self.ckpt_dir is not None and (self.ckpt_dir / "best.pt").exists():
+                best = load_checkpoint(self.ckpt_dir / "best.pt", cfg)
+                self.method.load_state_dict(best["model"])
+                self.method.load_extra_state(best["extra"])
+            elif has_val and self.best_epoch != self.epoch:
+                print("note: no checkpoint folder, so the test split is scored at the last epoch, not the best.",
+                      file=sys.stderr)
+            test_metrics = evaluate_indices(
+                self.method, data, data.split.test, cfg, self.device, query_gallery=data.source.query_gallery
+            )
+        if cfg.phase == "final" and test_metrics is not None:
+            metrics, split, best_epoch = test_metrics, "test", (self.best_epoch if has_val else self.epoch)
+        else:
+            metrics, split, best_epoch = (self.best_metrics or (self.history[-1] if self.history else {})), "val", self.best_epoch
+        return TrainResult(
+            cfg=cfg, metrics=dict(metrics), eval_split=split, best_epoch=best_epoch, epochs_run=self.epoch,
+            steps=self.step, wall_time_s=time.time() - self.t_start, split_hash=data.manifest.hash,
+            pretrained_id=getattr(self.method.backbone, "pretrained_id", "none"), history=self.history,
+            test_metrics=test_metrics, stopped_early=self.stopped_early,
+        )
