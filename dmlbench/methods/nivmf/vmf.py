@@ -22,7 +22,7 @@ from torch import Tensor
 
 LogCpMode = Literal["code_poly", "exact"]
 
-#: smallest dimension for which the Debye expansion of log C_D is accurate to < 1e-4 nats
+#: smallest dimension for which the Debye expansion of log C_D is accurate to < 3e-4 nats
 EXACT_MIN_DIM = 8
 #: dimensions for which the reference code's polynomial was fitted
 CODE_POLY_DIMS = (128, 512)
@@ -249,8 +249,9 @@ def log_cp_exact(kappa: Tensor, dim: int) -> Tensor:
     log C_D(κ) = ν log ν − (D/2) log 2π + ½ log(2πν) − ν(q − log(1+q)) + ½ log q − log(1 + Σ uₖ/νᵏ),
     which is finite and smooth down to κ = 0 (where it is −log |S^{D−1}|) and needs no Bessel
     evaluation, so it neither underflows (scipy's ``ive(255, 0.1)`` is 0) nor overflows. Its
-    autograd derivative is −I_{D/2}/I_{D/2−1}(κ). Error vs mpmath (spec §1.6): < 7e−5 nats at
-    D = 8, < 1e−9 at D = 128.
+    autograd derivative is −I_{D/2}/I_{D/2−1}(κ). Max error against scipy's Bessel functions over
+    κ ∈ [1e−3, 5000] (tests/test_nivmf_vmf.py): 2.3e−4 nats at D = 8, 8e−6 at D = 16, 4e−7 at
+    D = 32, 1.3e−9 at D = 128, 5e−12 at D = 512 (the derivative is as accurate).
 
     Args:
         kappa: concentrations ≥ 0, any shape and float dtype.
