@@ -78,14 +78,10 @@ BLOCKS: dict[str, Block] = {
 }
 
 
-class ConvBN(nn.Module):
-    """conv (bias) → BN → ReLU, registering ``<name>`` and ``<name>_bn`` on ``owner`` (flat key names)."""
-
-    def __init__(self, owner: nn.Module, name: str, cin: int, cout: int, k: int, stride: int = 1):
-        super().__init__()
-        owner.add_module(name, nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2))
-        owner.add_module(f"{name}_bn", nn.BatchNorm2d(cout, eps=1e-5))
-        self.names = (name, f"{name}_bn")
+def add_conv_bn(owner: nn.Module, name: str, cin: int, cout: int, k: int, stride: int = 1) -> None:
+    """Register ``<name>`` (conv with bias, "same" padding) and ``<name>_bn`` on ``owner`` (flat key names)."""
+    owner.add_module(name, nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2))
+    owner.add_module(f"{name}_bn", nn.BatchNorm2d(cout, eps=1e-5))
 
 
 class BNInception(nn.Module):
@@ -94,12 +90,9 @@ class BNInception(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.num_features = FEAT_DIM
-        self._stem: list[tuple[str, str] | str] = []
-        self._unit("conv1_7x7_s2", 3, 64, 7, 2)
-        self._stem.append("pool1")
-        self._unit("conv2_3x3_reduce", 64, 64, 1)
-        self._unit("conv2_3x3", 64, 192, 3)
-        self._stem.append("pool2")
+        add_conv_bn(self, "conv1_7x7_s2", 3, 64, 7, 2)
+        add_conv_bn(self, "conv2_3x3_reduce", 64, 64, 1)
+        add_conv_bn(self, "conv2_3x3", 64, 192, 3)
         self.pool_s2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.pool_avg = nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True, count_include_pad=True)
         self.pool_max = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
@@ -107,19 +100,15 @@ class BNInception(nn.Module):
             p = f"inception_{tag}"
             stride = 2 if b.pool == "reduce" else 1
             if b.b1x1:
-                ConvBN(self, f"{p}_1x1", b.cin, b.b1x1, 1)
-            ConvBN(self, f"{p}_3x3_reduce", b.cin, b.b3x3_reduce, 1)
-            ConvBN(self, f"{p}_3x3", b.b3x3_reduce, b.b3x3, 3, stride)
-            ConvBN(self, f"{p}_double_3x3_reduce", b.cin, b.d3x3_reduce, 1)
-            ConvBN(self, f"{p}_double_3x3_1", b.d3x3_reduce, b.d3x3, 3)
-            ConvBN(self, f"{p}_double_3x3_2", b.d3x3, b.d3x3, 3, stride)
+                add_conv_bn(self, f"{p}_1x1", b.cin, b.b1x1, 1)
+            add_conv_bn(self, f"{p}_3x3_reduce", b.cin, b.b3x3_reduce, 1)
+            add_conv_bn(self, f"{p}_3x3", b.b3x3_reduce, b.b3x3, 3, stride)
+            add_conv_bn(self, f"{p}_double_3x3_reduce", b.cin, b.d3x3_reduce, 1)
+            add_conv_bn(self, f"{p}_double_3x3_1", b.d3x3_reduce, b.d3x3, 3)
+            add_conv_bn(self, f"{p}_double_3x3_2", b.d3x3, b.d3x3, 3, stride)
             if b.pool != "reduce":
-                ConvBN(self, f"{p}_pool_proj", b.cin, b.pool_proj, 1)
+                add_conv_bn(self, f"{p}_pool_proj", b.cin, b.pool_proj, 1)
         assert BLOCKS["5b"].cout == FEAT_DIM
-
-    def _unit(self, name: str, cin: int, cout: int, k: int, stride: int = 1) -> None:
-        ConvBN(self, name, cin, cout, k, stride)
-        self._stem.append((name, f"{name}_bn"))
 
     def _cbr(self, name: str, x: Tensor) -> Tensor:
         conv: nn.Module = getattr(self, name)
@@ -143,11 +132,8 @@ class BNInception(nn.Module):
 
     def feature_map(self, x: Tensor) -> Tensor:
         """The last 1,024-channel map before pooling (7×7 at 224 px input)."""
-        for step in self._stem:
-            if isinstance(step, tuple):
-                x = self._cbr(step[0], x)
-            else:
-                x = self.pool_s2(x)
+        x = self.pool_s2(self._cbr("conv1_7x7_s2", x))
+        x = self.pool_s2(self._cbr("conv2_3x3", self._cbr("conv2_3x3_reduce", x)))
         for tag, b in BLOCKS.items():
             x = self._block(tag, b, x)
         return x
