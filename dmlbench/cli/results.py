@@ -133,3 +133,79 @@ def report_cmd(
             rows, out, png_dir=png, sort=sort, paper=paper, warnings=warnings, source=str(results_dir)
         )
     console.print(f"wrote {files[0]}" + (f" and {len(files) - 1} PNG files under {png}" if png else ""))
+
+
+@app.command("reproduce")
+@friendly
+def reproduce_cmd(
+    row_id: Annotated[str, typer.Argument(help="row_id of the row to re-run (see `dmlbench leaderboard --format csv`)")],
+    results_dir: ResultsDir = DEFAULT_RESULTS,
+    *,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="fresh folder for the re-run (default: a new temp folder)")
+    ] = None,
+    data_root: Annotated[str | None, typer.Option("--data-root", help="override the row's data root")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="override the row's device, e.g. cpu")] = None,
+) -> None:
+    """Re-run the exact TrialConfig of one row (printed first) and compare the new metrics with the stored ones."""
+    import tempfile
+
+    from dmlbench.config import TrialConfig
+    from dmlbench.results import schema
+
+    rows, _warnings = load_rows(results_dir)
+    row = lbm.find_row(rows, row_id, where=repr(str(results_dir)))
+    if row[schema.SOURCE] == "paper":
+        raise DmlbenchError(f"row {row_id!r} is a published number (source=paper); there is nothing to re-run.")
+    config_json = row[schema.CONFIG_JSON]
+    if not isinstance(config_json, str) or not config_json.strip():
+        raise DmlbenchError(f"row {row_id!r} has no config_json, so its run cannot be reproduced.")
+    try:
+        cfg = TrialConfig.from_json(config_json)
+    except json.JSONDecodeError as err:
+        raise DmlbenchError(f"row {row_id!r} has a config_json that is not valid JSON ({err.msg}).") from None
+    console.rule(f"TrialConfig of {row_id}")
+    console.print(cfg.to_yaml(), highlight=False, markup=False)
+    if output_dir is None:
+        out = Path(tempfile.mkdtemp(prefix="dmlbench-reproduce-"))
+    else:
+        out = output_dir
+        if (out / "checkpoints" / "last.pt").exists():
+            raise ConfigError(
+                f"{str(out)!r} already holds a checkpoint, so the run would resume instead of re-running; "
+                "give a fresh --output-dir."
+            )
+    changes: dict[str, object] = {"output_dir": str(out)}
+    if data_root is not None:
+        changes["data_root"] = data_root
+    if device is not None:
+        changes["device"] = device
+    run_cfg = cfg.replace(**changes)
+    console.print(f"re-running into {out} (changed for the re-run: {', '.join(sorted(changes))})", highlight=False)
+
+    from dmlbench import engine
+
+    result = engine.train(run_cfg)
+    stored_split = row[schema.EVAL_SPLIT]
+    if stored_split and result.eval_split != stored_split:
+        err_console.print(
+            f"[yellow]warning:[/] stored metrics are on the {stored_split} split, the re-run's on {result.eval_split}.",
+            highlight=False,
+        )
+    if row[schema.SPLIT_HASH] and getattr(result, "split_hash", None) and result.split_hash != row[schema.SPLIT_HASH]:
+        err_console.print(
+            f"[yellow]warning:[/] split hash differs (stored {row[schema.SPLIT_HASH]}, now {result.split_hash}): "
+            "the class split is not the same, so the metrics are not comparable.",
+            highlight=False,
+        )
+    extra = {schema.EPOCHS: result.epochs_run, schema.BEST_EPOCH: result.best_epoch, schema.STEPS: result.steps}
+    cmp = lbm.compare_metrics(row, dict(result.metrics), extra)
+    table = Table(title=f"{row_id}: stored vs re-run ({result.eval_split} split)", title_justify="left")
+    for col in ("metric", "stored", "new", "new − stored"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in cmp.itertuples(index=False):
+        fmt = "{:.0f}" if r.metric in extra else "{:.4f}"
+        cells = ["–" if pd.isna(v) else fmt.format(v) for v in (r.stored, r.new)]
+        diff = "–" if pd.isna(r.diff) else ("{:+.0f}" if r.metric in extra else "{:+.4f}").format(r.diff)
+        table.add_row(lbm.display_name(r.metric), *cells, diff)
+    console.print(table)

@@ -515,3 +515,48 @@ def to_frame(lb: Leaderboards) -> pd.DataFrame:
         return pd.DataFrame({TABLE: []})
     df = pd.concat(frames, ignore_index=True, sort=False)
     return df[[TABLE, *[c for c in df.columns if c != TABLE]]]
+
+
+# ---- reproduce helpers ----------------------------------------------------------------------
+def find_row(rows: pd.DataFrame, row_id: str, where: str = "the results folder") -> pd.Series:
+    """The row with ``row_id``; an unknown id is a :class:`ConfigError` naming close ids.
+
+    Close ids are ``difflib`` matches plus ids that contain the given text.
+    """
+    hit = rows[rows[schema.ROW_ID] == row_id]
+    if len(hit):
+        return hit.iloc[0]
+    ids = [str(i) for i in rows[schema.ROW_ID]]
+    near = close_matches(row_id, ids) + sorted(i for i in ids if row_id and row_id in i)
+    near = sorted(dict.fromkeys(near))[:5]
+    did = f"did you mean {', '.join(near)}?" if near else "list them with `dmlbench leaderboard --format csv`."
+    raise ConfigError(f"no row with id {row_id!r} in {where} ({len(ids)} rows); {did}")
+
+
+COMPARED_EXTRA = (schema.EPOCHS, schema.BEST_EPOCH, schema.STEPS)
+
+
+def compare_metrics(stored: pd.Series, new: dict[str, float], extra: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Stored vs re-run values side by side: columns ``metric, stored, new, diff`` (diff = new − stored).
+
+    Metrics are the schema's metric columns set in either the stored row or the new run, then
+    ``epochs, best_epoch, steps`` from ``extra``.
+
+    Example:
+        >>> s = pd.Series({"map_at_r": 0.25, "nmi": None, "epochs": 3, "best_epoch": 2, "steps": 30})
+        >>> compare_metrics(s, {"map_at_r": 0.26}, {"epochs": 3}).round(6).values.tolist()
+        [['map_at_r', 0.25, 0.26, 0.01], ['epochs', 3.0, 3.0, 0.0]]
+    """
+
+    def num(v: Any) -> float:
+        return math.nan if v is None or pd.isna(v) else float(v)
+
+    out = []
+    for m in schema.METRIC_COLUMNS:
+        s, n = num(stored.get(m)), num(new.get(m))
+        if not (math.isnan(s) and math.isnan(n)):
+            out.append((m, s, n, n - s))
+    for k, v in (extra or {}).items():
+        s, n = num(stored.get(k)), num(v)
+        out.append((k, s, n, n - s))
+    return pd.DataFrame(out, columns=["metric", "stored", "new", "diff"])
