@@ -260,10 +260,12 @@ def cost_plots(rows: pd.DataFrame, metric: str) -> list[Plot]:
     return plots
 
 
-def _html_table(df: pd.DataFrame, title: str) -> str:
+def _html_table(df: pd.DataFrame, title: str, row_classes: Sequence[str] | None = None) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    classes = list(row_classes) if row_classes is not None else [""] * len(df)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False)
+        f"<tr class='{cls}'>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+        for cls, row in zip(classes, df.itertuples(index=False), strict=True)
     )
     return f"<h3>{html.escape(title)}</h3><div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
@@ -275,7 +277,9 @@ def build_sections(rows: pd.DataFrame, *, sort: str = lbm.DEFAULT_SORT, paper: p
     tables = Section("leaderboards", "Leaderboards")
     for ds in sorted(set(boards.final) | set(boards.search)):
         if ds in boards.final:
-            tables.html_parts.append(_html_table(lbm.display_final(boards.final[ds], sort), lbm.final_title(ds)))
+            final = boards.final[ds]
+            classes = ["ours" if src == "dmlbench" else "paper" for src in final[schema.SOURCE]]
+            tables.html_parts.append(_html_table(lbm.display_final(final, sort), lbm.final_title(ds), classes))
         if ds in boards.search:
             tables.html_parts.append(_html_table(lbm.display_search(boards.search[ds], sort), lbm.search_title(ds)))
     progress = Section("search-progress", "Search: best-so-far validation score vs trial, per cell")
@@ -303,8 +307,9 @@ line-height:1.4;padding:0 16px}
 h1{margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}h3{font-size:1.02em;margin:18px 0 6px}
 .meta{color:#666;font-size:.9em}.note{color:#555;font-style:italic}
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.82em;white-space:nowrap}
-th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f3f3f3;position:sticky;top:0}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f3f3f3;position:sticky;top:0;text-align:left}
 td:nth-child(-n+5){text-align:left}tbody tr:nth-child(even){background:#fafafa}
+tr.ours{font-weight:600;background:#eef5ff!important}tr.paper{color:#666;font-style:italic}
 figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}nav a{margin-right:14px}
 """
@@ -317,6 +322,8 @@ def render_html(sections: list[Section], *, title: str, meta: str, warnings: Seq
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><p class='meta'>{html.escape(meta)}</p><nav>{nav}</nav>",
+        "<p class='meta'>Bold blue rows are ours (ranked); grey italic rows are published numbers (never ranked; "
+        "their protocol column says how they were selected, e.g. test-select = best epoch on the test set).</p>",
     ]
     if warnings:
         items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
