@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dmlbench.errors import DmlbenchError
-from dmlbench.evaluation.knn import BACKENDS, DISTANCES, iter_knn, knn, prepare
+from dmlbench.evaluation.knn import BACKENDS, DISTANCES, iter_knn, prepare
 from dmlbench.evaluation.metrics import (
     average_precision_at_r_per_query,
     kmeans_assign,
@@ -26,7 +26,7 @@ from dmlbench.evaluation.metrics import (
     recall_at_k_per_query,
 )
 
-__all__ = ["METRICS", "EvaluationError", "evaluate_embeddings", "knn", "iter_knn", "metric_keys"]
+__all__ = ["METRICS", "EvaluationError", "evaluate_embeddings", "iter_knn", "metric_keys"]
 
 #: metric groups :func:`evaluate_embeddings` can compute ("recall" = every ``recall_at_{k}``)
 METRICS: tuple[str, ...] = ("map_at_r", "r_precision", "precision_at_1", "recall", "nmi", "f1")

@@ -146,7 +146,9 @@ def topk_desc(scores: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
 def merge_topk(
     a: tuple[Tensor, Tensor] | None, b: tuple[Tensor, Tensor], k: int
 ) -> tuple[Tensor, Tensor]:
-    """Merge two candidate lists (scores, ids) per row and keep the best ``k``.
+    """Merge two candidate lists (scores, ids) per row and keep the best ``k``, exactly.
+
+    Same order as :func:`topk_desc` (score desc, id asc); the ids of one row must be distinct.
 
     Example:
         >>> a = (torch.tensor([[0.9, 0.1]]), torch.tensor([[4, 0]]))
@@ -158,8 +160,24 @@ def merge_topk(
         scores, ids = b
     else:
         scores, ids = torch.cat([a[0], b[0]], dim=1), torch.cat([a[1], b[1]], dim=1)
-    scores, ids = sort_pairs_desc(scores, ids)
-    return scores[:, :k], ids[:, :k]
+    m = scores.shape[1]
+    if m <= k or k == 0:
+        scores, ids = sort_pairs_desc(scores, ids)
+        return scores[:, :k], ids[:, :k]
+    kk = min(k + 1, m)
+    top, pos = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
+    top_ids = ids.gather(1, pos)
+    if kk > k:
+        across_cut = top[:, k - 1] == top[:, k]
+        if bool(across_cut.any()):
+            rows = torch.nonzero(across_cut).squeeze(1)
+            fs, fi = sort_pairs_desc(scores[rows], ids[rows])
+            top, top_ids = top.clone(), top_ids.clone()
+            top[rows, :k], top_ids[rows, :k] = fs[:, :k], fi[:, :k]
+        top, top_ids = top[:, :k], top_ids[:, :k]
+    if k > 1 and bool((top[:, 1:] == top[:, :-1]).any()):
+        top, top_ids = sort_pairs_desc(top, top_ids)
+    return top, top_ids
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,29 +218,30 @@ def similarity_block(q: Tensor, r: Tensor, distance: str, q_sq: Tensor | None = 
 
 
 def _torch_self_symmetric(x: Tensor, k: int, distance: str, chunk_size: int) -> Iterator[KnnChunk]:
-    """Query = reference, self excluded, each similarity block computed once."""
+    """Query = reference, self excluded, each similarity computed once.
+
+    Strip ``i`` computes ``S = X[s:e] @ X[s:].T`` (the upper part only). Its rows give the
+    candidates ``j ≥ s`` of queries ``s:e``, which are then complete (candidates ``j < s`` came
+    from earlier strips); its columns ``j ≥ e`` give candidates ``s:e`` to later queries, merged
+    into a running ``[N, k]`` top-k.
+    """
     n = x.shape[0]
     sq = (x * x).sum(1) if distance == "euclidean" else None
-    bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    pending: dict[int, tuple[Tensor, Tensor]] = {}
-    for i, (s, e) in enumerate(bounds):
-        best = pending.pop(i, None)
-        xi = x[s:e]
-        sqi = None if sq is None else sq[s:e]
-        for j in range(i, len(bounds)):
-            s2, e2 = bounds[j]
-            block = similarity_block(xi, x[s2:e2], distance, sqi, None if sq is None else sq[s2:e2])
-            if j == i:
-                block.fill_diagonal_(float("-inf"))
-                cand = topk_desc(block, min(k, e2 - s2 - 1), offset=s2)
-            else:
-                cand = topk_desc(block, min(k, e2 - s2), offset=s2)
-                col = topk_desc(block.T, min(k, e - s), offset=s)
-                pending[j] = merge_topk(pending.get(j), col, k)
-            best = cand if best is None else merge_topk(best, cand, k)
-            del block
-        assert best is not None
-        yield KnnChunk(s, e, best[0], best[1])
+    # running top-k of candidates from earlier strips; placeholders score -inf with id n
+    pend_v = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)
+    pend_i = torch.full((n, k), n, dtype=torch.long, device=x.device)
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        block = similarity_block(x[s:e], x[s:], distance, None if sq is None else sq[s:e],
+                                 None if sq is None else sq[s:])
+        block[:, : e - s].fill_diagonal_(float("-inf"))
+        rows = topk_desc(block, min(k, n - s - 1), offset=s)
+        best_v, best_i = merge_topk((pend_v[s:e], pend_i[s:e]), rows, k)
+        if e < n:
+            cv, ci = topk_desc(block[:, e - s:].T, min(k, e - s), offset=s)
+            pend_v[e:], pend_i[e:] = merge_topk((pend_v[e:], pend_i[e:]), (cv, ci), k)
+        del block
+        yield KnnChunk(s, e, best_v, best_i)
 
 
 def _torch_chunks(q: Tensor, r: Tensor, k: int, distance: str, chunk_size: int,
