@@ -35,7 +35,10 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
     fields = sorted(model.model_fields)
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        if e["type"] == "extra_forbidden":
+        inner = (e.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigError):  # raised by a validator: already one clear sentence
+            msgs.append(str(inner).rstrip("."))
+        elif e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
             hint = close_matches(key, fields)
             did = f" (did you mean {', '.join(hint)}?)" if hint else ""
@@ -46,7 +49,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
                 msg = msg[len("Value error, ") :]
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            msgs.append(f"{where} key {loc!r}: {msg}{shown}")
+            msgs.append(f"{where} key {loc!r}: {msg.rstrip('.')}{shown}")
     return "; ".join(msgs) + "."
 
 
@@ -55,6 +58,10 @@ def validate_model(model: type[BaseModel], data: dict[str, Any], where: str) -> 
     try:
         return model.model_validate(data)
     except ValidationError as err:
+        errors = err.errors()
+        inner = (errors[0].get("ctx") or {}).get("error") if len(errors) == 1 else None
+        if isinstance(inner, ConfigError):  # keep the validator's own error type (e.g. UnknownNameError)
+            raise inner from None
         raise ConfigError(format_validation_error(err, model, where)) from None
 
 

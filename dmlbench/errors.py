@@ -49,4 +49,7 @@ def close_matches(name: str, valid: list[str]) -> list[str]:
     """Names in ``valid`` that look like ``name`` (for 'did you mean' hints)."""
     import difflib
 
-    return difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    found = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    tokens = set(name.lower().replace("-", "_").split("_"))
+    found += [v for v in valid if v not in found and v.lower() in tokens]
+    return found[:3]

@@ -1,0 +1,37 @@
+"""Shared test settings: CPU, few threads, small data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+#: a trial config for a seconds-long CPU run on the embedded digits data
+TINY: dict[str, object] = {
+    "dataset": "digits",
+    "backbone": "tiny",
+    "pretrained": False,
+    "image_size": 16,
+    "embedding_dim": 32,
+    "bn_policy": "train",
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "epochs": 2,
+    "iters_per_epoch": 3,
+    "classes_per_batch": 4,
+    "samples_per_class": 4,
+    "num_folds": 3,
+    "eval_batch_size": 512,
+    "progress": False,
+}
+
+
+@pytest.fixture
+def tiny_cfg() -> dict[str, object]:
+    return dict(TINY)
