@@ -15,7 +15,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 
 def test_every_schema_column_is_documented() -> None:
     text = DOC.read_text()
-    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", text, flags=re.M))
+    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", text, flags=re.MULTILINE))
     assert set(schema.COLUMNS) <= documented, sorted(set(schema.COLUMNS) - documented)
 
 
@@ -25,14 +25,16 @@ def test_every_leaderboard_column_is_documented(tmp_path: Path) -> None:
 
     text = DOC.read_text()
     rows = pd.DataFrame([schema.validate_row(r) for r in fixture_rows()])
-    cols = set(leaderboard.final_table(rows, "cub200").columns) | set(leaderboard.search_table(rows, "cub200").columns)
+    cols = set(leaderboard.final_table(rows, "cub200").columns) | set(
+        leaderboard.search_table(rows, "cub200").columns
+    )
     for col in cols:
         generic = re.sub(r"^(.*)_(mean|ci95)$", r"<metric>_\2", col)
         assert f"`{col}`" in text or f"`{generic}`" in text, col
 
 
 def test_pandas_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
     assert len(blocks) == 1
     write_fixture(tmp_path)
     ns: dict[str, object] = {"RESULTS_DIR": str(tmp_path)}

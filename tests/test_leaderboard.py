@@ -10,7 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from scipy import stats
-from test_leaderboard_fixtures import FINAL_METRICS, FINAL_VALUES, SEARCH_TRIALS, fixture_rows, make_row, write_fixture
+from test_leaderboard_fixtures import (
+    FINAL_METRICS,
+    FINAL_VALUES,
+    SEARCH_TRIALS,
+    fixture_rows,
+    make_row,
+    write_fixture,
+)
 from typer.testing import CliRunner
 
 from dmlbench.cli import app
@@ -42,7 +49,9 @@ def test_mean_ci_matches_t_interval() -> None:
     vals = [0.31, 0.35, 0.29, 0.4]
     mean, half, n = lb.mean_ci(vals)
     exp_mean, exp_half = hand_mean_half(vals)
-    assert n == 4 and mean == pytest.approx(exp_mean, abs=1e-12) and half == pytest.approx(exp_half, abs=1e-12)
+    assert (
+        n == 4 and mean == pytest.approx(exp_mean, abs=1e-12) and half == pytest.approx(exp_half, abs=1e-12)
+    )
     assert lb.mean_ci([0.5]) == (0.5, None, 1)
     m, h, n0 = lb.mean_ci([])
     assert math.isnan(m) and h is None and n0 == 0
@@ -99,7 +108,11 @@ def test_search_table_best_trial_and_counts(rows: pd.DataFrame) -> None:
         assert got[lb.BEST_ROW_ID] == f"sw1-{method}-search-t{best_i:03d}"
         assert got["val_map_at_r"] == pytest.approx(best[2])
         assert got["val_recall_at_1"] == pytest.approx(best[3])
-        for status, col in [("complete", lb.N_COMPLETE), ("pruned", lb.N_PRUNED), ("diverged", lb.N_DIVERGED)]:
+        for status, col in [
+            ("complete", lb.N_COMPLETE),
+            ("pruned", lb.N_PRUNED),
+            ("diverged", lb.N_DIVERGED),
+        ]:
             assert got[col] == sum(1 for t in trials if t[0] == status)
         assert got[schema.GPU_HOURS] == pytest.approx(sum(t[-1] for t in trials))
     # validation scores never appear in the final (test) table's columns and vice versa
@@ -124,7 +137,11 @@ def test_paper_csv_is_well_formed() -> None:
     lines = read_paper_csv()
     assert {ln["verified"] for ln in lines if ln["method"] == "nivmf"} == {"unverified"}
     assert {ln["verified"] for ln in lines if ln["key"] == "gurbuz2024ccp"} == {"yes"}
-    diva = [ln for ln in lines if ln["label"] == "DiVA" and ln["dataset"] == "sop" and ln["metric"] == "recall_at_10"]
+    diva = [
+        ln
+        for ln in lines
+        if ln["label"] == "DiVA" and ln["dataset"] == "sop" and ln["metric"] == "recall_at_10"
+    ]
     assert len(diva) == 1 and float(diva[0]["value_pct"]) == 91.2
     df = paper_rows()
     assert df[schema.ROW_ID].is_unique
@@ -151,7 +168,7 @@ def test_cli_json_csv_markdown_table(tmp_path: Path) -> None:
     res = runner.invoke(app, ["leaderboard", str(tmp_path), "--format", "json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    ccp = [r for r in data["final"]["cub200"] if r["method"] == "ccp"][0]
+    ccp = next(r for r in data["final"]["cub200"] if r["method"] == "ccp")
     assert ccp["map_at_r_mean"] == pytest.approx(0.27) and ccp["rank"] == 1
     assert data["search"]["cub200"][0]["best_row_id"] == "sw1-ccp-search-t001"
 
@@ -160,7 +177,9 @@ def test_cli_json_csv_markdown_table(tmp_path: Path) -> None:
     df = pd.read_csv(io.StringIO(res.stdout))
     assert set(df[lb.TABLE]) == {"final", "search"}
     assert (df[(df[lb.TABLE] == "final") & (df[schema.SOURCE] == "paper")][lb.RANK].isna()).all()
-    pa_ = df[(df[lb.TABLE] == "final") & (df[schema.METHOD] == "proxyanchor") & (df[schema.SOURCE] == "dmlbench")]
+    pa_ = df[
+        (df[lb.TABLE] == "final") & (df[schema.METHOD] == "proxyanchor") & (df[schema.SOURCE] == "dmlbench")
+    ]
     assert pa_.iloc[0]["map_at_r_ci95"] == pytest.approx(hand_mean_half([0.24, 0.22])[1])
 
     res = runner.invoke(app, ["leaderboard", str(tmp_path), "--format", "markdown", "--dataset", "cub200"])
@@ -196,7 +215,7 @@ def test_cli_bad_input(tmp_path: Path) -> None:
 def test_cli_truncated_and_foreign_files_are_skipped_with_a_warning(tmp_path: Path) -> None:
     write_fixture(tmp_path)
     rows_dir = tmp_path / "sw1" / store.ROWS_DIR
-    good = sorted(rows_dir.glob("*.parquet"))[0]
+    good = min(rows_dir.glob("*.parquet"))
     (rows_dir / "zz-truncated.parquet").write_bytes(good.read_bytes()[:40])
     pd.DataFrame({"x": [1]}).to_parquet(rows_dir / "zz-foreign.parquet")
     res = runner.invoke(app, ["leaderboard", str(tmp_path), "--format", "json"])

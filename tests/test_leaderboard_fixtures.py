@@ -105,7 +105,9 @@ def fixture_rows() -> list[dict[str, Any]]:
                 )
             )
     # a failed final run never enters the mean
-    rows.append(make_row("sw1-ccp-final-s9", seed=9, status="failed", error="boom", map_at_r=0.99, gpu_hours=0.25))
+    rows.append(
+        make_row("sw1-ccp-final-s9", seed=9, status="failed", error="boom", map_at_r=0.99, gpu_hours=0.25)
+    )
     for method, trials in SEARCH_TRIALS.items():
         for i, (status, params, mapr, r1, hours) in enumerate(trials):
             rows.append(

@@ -15,20 +15,31 @@ runner = CliRunner()
 
 
 def sections_of(page: str) -> dict[str, str]:
-    return dict(re.findall(r"<section id='([^']+)'>(.*?)</section>", page, flags=re.S))
+    return dict(re.findall(r"<section id='([^']+)'>(.*?)</section>", page, flags=re.DOTALL))
 
 
 def test_report_renders_every_section_with_its_plots(tmp_path: Path) -> None:
     write_fixture(tmp_path / "res")
     out, png = tmp_path / "r" / "report.html", tmp_path / "png"
-    res = runner.invoke(app, ["report", str(tmp_path / "res"), "--out", str(out), "--png", str(png), "--with-paper"])
+    res = runner.invoke(
+        app, ["report", str(tmp_path / "res"), "--out", str(out), "--png", str(png), "--with-paper"]
+    )
     assert res.exit_code == 0, res.output
     page = out.read_text()
     secs = sections_of(page)
     assert list(secs) == list(report.SECTION_IDS)
-    imgs = {k: len(re.findall(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", v)) for k, v in secs.items()}
+    imgs = {
+        k: len(re.findall(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", v))
+        for k, v in secs.items()
+    }
     # datasets with search rows: cub200; with final rows: cub200, sop; methods searched: 3
-    assert imgs == {"leaderboards": 0, "search-progress": 1, "importance": len(SEARCH_TRIALS), "seed-spread": 2, "cost": 2}
+    assert imgs == {
+        "leaderboards": 0,
+        "search-progress": 1,
+        "importance": len(SEARCH_TRIALS),
+        "seed-spread": 2,
+        "cost": 2,
+    }
     assert secs["leaderboards"].count("<table>") == 3 and "C2-CCP-L [paper]" in secs["leaderboards"]
     assert "http" not in page.replace("http://www.w3.org", "")  # self-contained: nothing fetched
     pngs = sorted(p.name for p in png.glob("*.png"))

@@ -22,7 +22,14 @@ runner = CliRunner()
 
 
 def tiny_cfg(method: str = "ccp", **kw: Any) -> TrialConfig:
-    base = dict(method=method, dataset="digits", backbone="tiny", pretrained=False, epochs=1, image_size=32)
+    base = {
+        "method": method,
+        "dataset": "digits",
+        "backbone": "tiny",
+        "pretrained": False,
+        "epochs": 1,
+        "image_size": 32,
+    }
     base.update(phase="final", fold=None, num_folds=3, output_dir="/somewhere/original", **kw)
     return TrialConfig.from_dict(base)
 
@@ -63,7 +70,9 @@ def test_reproduce_reruns_the_stored_config(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(engine, "train", fake_train, raising=False)
     out = tmp_path / "rerun"
     res = runner.invoke(
-        app, ["reproduce", "sw1-ccp-digits-final-s0", str(tmp_path / "res"), "--output-dir", str(out)], terminal_width=200
+        app,
+        ["reproduce", "sw1-ccp-digits-final-s0", str(tmp_path / "res"), "--output-dir", str(out)],
+        terminal_width=200,
     )
     assert res.exit_code == 0, res.output
     assert len(seen) == 1
@@ -83,7 +92,16 @@ def test_reproduce_refuses_a_folder_with_a_checkpoint(tmp_path: Path) -> None:
     ck = tmp_path / "old" / "checkpoints"
     ck.mkdir(parents=True)
     (ck / "last.pt").write_bytes(b"x")
-    res = runner.invoke(app, ["reproduce", "sw1-ccp-digits-final-s0", str(tmp_path / "res"), "--output-dir", str(tmp_path / "old")])
+    res = runner.invoke(
+        app,
+        [
+            "reproduce",
+            "sw1-ccp-digits-final-s0",
+            str(tmp_path / "res"),
+            "--output-dir",
+            str(tmp_path / "old"),
+        ],
+    )
     assert res.exit_code == 2 and "already holds a checkpoint" in res.stderr
 
 
@@ -116,10 +134,19 @@ def _engine_ready() -> bool:
     return hasattr(engine, "train") and importlib.util.find_spec("dmlbench.evaluation.metrics") is not None
 
 
-@pytest.mark.skipif(not _engine_ready(), reason="dmlbench.engine.train or dmlbench.evaluation has not landed yet")
+@pytest.mark.skipif(
+    not _engine_ready(), reason="dmlbench.engine.train or dmlbench.evaluation has not landed yet"
+)
 def test_reproduce_end_to_end_with_the_engine(tmp_path: Path) -> None:
     """Train a tiny run, store its row, reproduce it: deterministic CPU training gives the same MAP@R."""
-    cfg = tiny_cfg("proxyanchor", deterministic=True, max_steps=3, classes_per_batch=4, samples_per_class=2, progress=False)
+    cfg = tiny_cfg(
+        "proxyanchor",
+        deterministic=True,
+        max_steps=3,
+        classes_per_batch=4,
+        samples_per_class=2,
+        progress=False,
+    )
     cfg = cfg.replace(output_dir=str(tmp_path / "orig"))
     result = engine.train(cfg)
     row = make_row(

@@ -22,7 +22,9 @@ DEFAULT_RESULTS = Path("results")
 
 ResultsDir = Annotated[
     Path,
-    typer.Argument(help="results folder (or one sweep folder) holding <sweep>/rows/*.parquet", show_default=True),
+    typer.Argument(
+        help="results folder (or one sweep folder) holding <sweep>/rows/*.parquet", show_default=True
+    ),
 ]
 
 
@@ -67,11 +69,16 @@ def leaderboard_cmd(
     *,
     dataset: Annotated[str | None, typer.Option("--dataset", help="dataset name(s), comma-separated")] = None,
     method: Annotated[str | None, typer.Option("--method", help="method name(s), comma-separated")] = None,
-    phase: Annotated[str, typer.Option("--phase", help="all | final (test scores) | search (validation scores)")] = "all",
-    sort: Annotated[str, typer.Option("--sort", help="metric to rank by, e.g. map_at_r, recall_at_1")] = lbm.DEFAULT_SORT,
+    phase: Annotated[
+        str, typer.Option("--phase", help="all | final (test scores) | search (validation scores)")
+    ] = "all",
+    sort: Annotated[
+        str, typer.Option("--sort", help="metric to rank by, e.g. map_at_r, recall_at_1")
+    ] = lbm.DEFAULT_SORT,
     fmt: Annotated[str, typer.Option("--format", help="table | markdown | csv | json")] = "table",
     with_paper: Annotated[
-        bool, typer.Option("--with-paper", help="show published numbers beside ours (unranked, protocol shown)")
+        bool,
+        typer.Option("--with-paper", help="show published numbers beside ours (unranked, protocol shown)"),
     ] = False,
 ) -> None:
     """Leaderboards per dataset: final-phase test scores (mean ± 95% CI over seeds) and search-phase best validation scores."""
@@ -111,12 +118,18 @@ def leaderboard_cmd(
 def report_cmd(
     results_dir: ResultsDir = DEFAULT_RESULTS,
     *,
-    out: Annotated[Path, typer.Option("--out", help="HTML file to write (self-contained, plots embedded)")] = Path(
-        "report.html"
-    ),
-    png: Annotated[Path | None, typer.Option("--png", help="also write every plot as a PNG into this folder")] = None,
-    sort: Annotated[str, typer.Option("--sort", help="metric of the tables and plots, e.g. map_at_r")] = lbm.DEFAULT_SORT,
-    with_paper: Annotated[bool, typer.Option("--with-paper", help="show published numbers in the tables")] = False,
+    out: Annotated[
+        Path, typer.Option("--out", help="HTML file to write (self-contained, plots embedded)")
+    ] = Path("report.html"),
+    png: Annotated[
+        Path | None, typer.Option("--png", help="also write every plot as a PNG into this folder")
+    ] = None,
+    sort: Annotated[
+        str, typer.Option("--sort", help="metric of the tables and plots, e.g. map_at_r")
+    ] = lbm.DEFAULT_SORT,
+    with_paper: Annotated[
+        bool, typer.Option("--with-paper", help="show published numbers in the tables")
+    ] = False,
 ) -> None:
     """Write an HTML report: leaderboards, search progress, parameter importance, seed spread, accuracy vs GPU-hours."""
     from dmlbench.results.report import write_report
@@ -138,14 +151,19 @@ def report_cmd(
 @app.command("reproduce")
 @friendly
 def reproduce_cmd(
-    row_id: Annotated[str, typer.Argument(help="row_id of the row to re-run (see `dmlbench leaderboard --format csv`)")],
+    row_id: Annotated[
+        str, typer.Argument(help="row_id of the row to re-run (see `dmlbench leaderboard --format csv`)")
+    ],
     results_dir: ResultsDir = DEFAULT_RESULTS,
     *,
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", help="fresh folder for the re-run (default: a new temp folder)")
+        Path | None,
+        typer.Option("--output-dir", help="fresh folder for the re-run (default: a new temp folder)"),
     ] = None,
     data_root: Annotated[str | None, typer.Option("--data-root", help="override the row's data root")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="override the row's device, e.g. cpu")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="override the row's device, e.g. cpu")
+    ] = None,
 ) -> None:
     """Re-run the exact TrialConfig of one row (printed first) and compare the new metrics with the stored ones."""
     import tempfile
@@ -156,7 +174,9 @@ def reproduce_cmd(
     rows, _warnings = load_rows(results_dir)
     row = lbm.find_row(rows, row_id, where=repr(str(results_dir)))
     if row[schema.SOURCE] == "paper":
-        raise DmlbenchError(f"row {row_id!r} is a published number (source=paper); there is nothing to re-run.")
+        raise DmlbenchError(
+            f"row {row_id!r} is a published number (source=paper); there is nothing to re-run."
+        )
     config_json = row[schema.CONFIG_JSON]
     if not isinstance(config_json, str) or not config_json.strip():
         raise DmlbenchError(f"row {row_id!r} has no config_json, so its run cannot be reproduced.")
@@ -181,7 +201,9 @@ def reproduce_cmd(
     if device is not None:
         changes["device"] = device
     run_cfg = cfg.replace(**changes)
-    console.print(f"re-running into {out} (changed for the re-run: {', '.join(sorted(changes))})", highlight=False)
+    console.print(
+        f"re-running into {out} (changed for the re-run: {', '.join(sorted(changes))})", highlight=False
+    )
 
     from dmlbench import engine
 
@@ -192,13 +214,21 @@ def reproduce_cmd(
             f"[yellow]warning:[/] stored metrics are on the {stored_split} split, the re-run's on {result.eval_split}.",
             highlight=False,
         )
-    if row[schema.SPLIT_HASH] and getattr(result, "split_hash", None) and result.split_hash != row[schema.SPLIT_HASH]:
+    if (
+        row[schema.SPLIT_HASH]
+        and getattr(result, "split_hash", None)
+        and result.split_hash != row[schema.SPLIT_HASH]
+    ):
         err_console.print(
             f"[yellow]warning:[/] split hash differs (stored {row[schema.SPLIT_HASH]}, now {result.split_hash}): "
             "the class split is not the same, so the metrics are not comparable.",
             highlight=False,
         )
-    extra = {schema.EPOCHS: result.epochs_run, schema.BEST_EPOCH: result.best_epoch, schema.STEPS: result.steps}
+    extra = {
+        schema.EPOCHS: result.epochs_run,
+        schema.BEST_EPOCH: result.best_epoch,
+        schema.STEPS: result.steps,
+    }
     cmp = lbm.compare_metrics(row, dict(result.metrics), extra)
     table = Table(title=f"{row_id}: stored vs re-run ({result.eval_split} split)", title_justify="left")
     for col in ("metric", "stored", "new", "new − stored"):

@@ -150,7 +150,9 @@ def _split_names(value: str | Sequence[str] | None) -> list[str]:
     return [s.strip() for s in items if s and s.strip()]
 
 
-def filter_rows(df: pd.DataFrame, *, datasets: Sequence[str] = (), methods: Sequence[str] = ()) -> pd.DataFrame:
+def filter_rows(
+    df: pd.DataFrame, *, datasets: Sequence[str] = (), methods: Sequence[str] = ()
+) -> pd.DataFrame:
     """Rows whose dataset / method is in the given lists (an empty list keeps everything)."""
     mask = pd.Series(True, index=df.index)
     if datasets:
@@ -219,8 +221,8 @@ def final_table(
             schema.BACKBONE: backbone,
             schema.EMBEDDING_DIM: None if pd.isna(dim) else int(dim),
             schema.PROTOCOL: protocol,
-            N_SEEDS: int(len(grp)),
-            N_TRIALS: int(len(cell_search)),
+            N_SEEDS: len(grp),
+            N_TRIALS: len(cell_search),
             schema.GPU_HOURS: _sum_or_nan(pd.concat([cell_search[schema.GPU_HOURS], grp[schema.GPU_HOURS]])),
         }
         for m in metrics:
@@ -238,7 +240,9 @@ def final_table(
                 schema.METHOD: prow[schema.METHOD],
                 LABEL: meta["paper_label"] or prow[schema.METHOD],
                 schema.BACKBONE: prow[schema.BACKBONE],
-                schema.EMBEDDING_DIM: None if pd.isna(prow[schema.EMBEDDING_DIM]) else int(prow[schema.EMBEDDING_DIM]),
+                schema.EMBEDDING_DIM: None
+                if pd.isna(prow[schema.EMBEDDING_DIM])
+                else int(prow[schema.EMBEDDING_DIM]),
                 schema.PROTOCOL: prow[schema.PROTOCOL],
                 N_SEEDS: None,
                 N_TRIALS: None,
@@ -248,7 +252,13 @@ def final_table(
                 v = prow[m]
                 entry[m + MEAN_SUFFIX] = math.nan if v is None or pd.isna(v) else float(v)
                 entry[m + CI_SUFFIX] = math.nan
-            entry.update({VERIFIED: meta["verified"], schema.CITATION: prow[schema.CITATION], ROW_IDS: prow[schema.ROW_ID]})
+            entry.update(
+                {
+                    VERIFIED: meta["verified"],
+                    schema.CITATION: prow[schema.CITATION],
+                    ROW_IDS: prow[schema.ROW_ID],
+                }
+            )
             out.append(entry)
     columns = [
         schema.DATASET, schema.SOURCE, schema.METHOD, LABEL, schema.BACKBONE, schema.EMBEDDING_DIM,
@@ -258,7 +268,9 @@ def final_table(
     ]  # fmt: skip
     table = pd.DataFrame(out, columns=[c for c in columns if c != RANK])
     key_col = sort + MEAN_SUFFIX
-    table = table.sort_values(key_col, ascending=False, na_position="last", kind="mergesort").reset_index(drop=True)
+    table = table.sort_values(key_col, ascending=False, na_position="last", kind="mergesort").reset_index(
+        drop=True
+    )
     is_ours = table[schema.SOURCE] == "dmlbench"
     ranks = table.loc[is_ours, key_col].rank(method="min", ascending=False, na_option="keep")
     table[RANK] = pd.Series([pd.NA] * len(table), dtype="Int64")
@@ -285,7 +297,7 @@ def search_table(rows: pd.DataFrame, dataset: str, *, sort: str = DEFAULT_SORT) 
             schema.DATASET: dataset,
             schema.METHOD: method,
             schema.BACKBONE: backbone,
-            N_TRIALS: int(len(grp)),
+            N_TRIALS: len(grp),
             N_COMPLETE: int((status == "complete").sum()),
             N_PRUNED: int((status == "pruned").sum()),
             N_DIVERGED: int((status == "diverged").sum()),
@@ -301,9 +313,9 @@ def search_table(rows: pd.DataFrame, dataset: str, *, sort: str = DEFAULT_SORT) 
         N_FAILED, schema.GPU_HOURS, *[VAL_PREFIX + m for m in metrics], BEST_ROW_ID,
     ]  # fmt: skip
     table = pd.DataFrame(out, columns=columns)
-    return table.sort_values(VAL_PREFIX + sort, ascending=False, na_position="last", kind="mergesort").reset_index(
-        drop=True
-    )
+    return table.sort_values(
+        VAL_PREFIX + sort, ascending=False, na_position="last", kind="mergesort"
+    ).reset_index(drop=True)
 
 
 @dataclass
@@ -433,13 +445,17 @@ def display_search(table: pd.DataFrame, sort: str = DEFAULT_SORT) -> pd.DataFram
             "trials": table[N_TRIALS].astype(int).astype(str),
             "complete/pruned/diverged/failed": [
                 f"{a}/{b}/{c}/{d}"
-                for a, b, c, d in zip(table[N_COMPLETE], table[N_PRUNED], table[N_DIVERGED], table[N_FAILED], strict=True)
+                for a, b, c, d in zip(
+                    table[N_COMPLETE], table[N_PRUNED], table[N_DIVERGED], table[N_FAILED], strict=True
+                )
             ],
             "GPU-h": [_hours(v) for v in table[schema.GPU_HOURS]],
         }
     )
     for m in metrics:
-        out["best val " + display_name(m) + (" ▼" if m == sort else "")] = [_pct(v) for v in table[VAL_PREFIX + m]]
+        out["best val " + display_name(m) + (" ▼" if m == sort else "")] = [
+            _pct(v) for v in table[VAL_PREFIX + m]
+        ]
     out["best trial"] = table[BEST_ROW_ID].fillna("–")
     return out
 
@@ -473,7 +489,12 @@ def to_markdown(lb: Leaderboards) -> str:
                 parts += ["Paper rows (not ranked; their protocol differs from ours where shown):", ""]
                 parts += sorted({f"- {c}" for c in cites[schema.CITATION]}) + [""]
         if ds in lb.search:
-            parts += [f"## {search_title(ds)}", "", _markdown_table(display_search(lb.search[ds], lb.sort)), ""]
+            parts += [
+                f"## {search_title(ds)}",
+                "",
+                _markdown_table(display_search(lb.search[ds], lb.sort)),
+                "",
+            ]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -490,7 +511,9 @@ def _nan_to_none(v: Any) -> Any:
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{k: _nan_to_none(v) for k, v in rec.items()} for rec in df.astype(object).to_dict(orient="records")]
+    return [
+        {k: _nan_to_none(v) for k, v in rec.items()} for rec in df.astype(object).to_dict(orient="records")
+    ]
 
 
 def to_json_obj(lb: Leaderboards, warnings: Sequence[str] = ()) -> dict[str, Any]:
@@ -529,14 +552,18 @@ def find_row(rows: pd.DataFrame, row_id: str, where: str = "the results folder")
     ids = [str(i) for i in rows[schema.ROW_ID]]
     near = close_matches(row_id, ids) + sorted(i for i in ids if row_id and row_id in i)
     near = sorted(dict.fromkeys(near))[:5]
-    did = f"did you mean {', '.join(near)}?" if near else "list them with `dmlbench leaderboard --format csv`."
+    did = (
+        f"did you mean {', '.join(near)}?" if near else "list them with `dmlbench leaderboard --format csv`."
+    )
     raise ConfigError(f"no row with id {row_id!r} in {where} ({len(ids)} rows); {did}")
 
 
 COMPARED_EXTRA = (schema.EPOCHS, schema.BEST_EPOCH, schema.STEPS)
 
 
-def compare_metrics(stored: pd.Series, new: dict[str, float], extra: dict[str, Any] | None = None) -> pd.DataFrame:
+def compare_metrics(
+    stored: pd.Series, new: dict[str, float], extra: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """Stored vs re-run values side by side: columns ``metric, stored, new, diff`` (diff = new − stored).
 
     Metrics are the schema's metric columns set in either the stored row or the new run, then

@@ -62,7 +62,9 @@ def read_paper_csv(text: str | None = None) -> list[dict[str, str]]:
         text = resources.files("dmlbench.results").joinpath(PAPER_CSV).read_text(encoding="utf-8")
     reader = csv.DictReader(text.splitlines())
     if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-        raise ValueError(f"{PAPER_CSV} must have the columns {', '.join(CSV_COLUMNS)}, got {reader.fieldnames}")
+        raise ValueError(
+            f"{PAPER_CSV} must have the columns {', '.join(CSV_COLUMNS)}, got {reader.fieldnames}"
+        )
     lines = list(reader)
     for i, line in enumerate(lines, start=2):
         if line["metric"] not in schema.METRIC_COLUMNS:
@@ -88,7 +90,14 @@ def rows_from_lines(lines: list[dict[str, str]]) -> list[dict[str, Any]]:
     """
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for line in lines:
-        ident = (line["key"], line["label"], line["dataset"], line["backbone"], line["embedding_dim"], line["protocol"])
+        ident = (
+            line["key"],
+            line["label"],
+            line["dataset"],
+            line["backbone"],
+            line["embedding_dim"],
+            line["protocol"],
+        )
         if ident not in groups:
             row_id = "paper-" + "-".join(slug(p) for p in ident[:5])
             if line["protocol"] != "test-select":

@@ -21,13 +21,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-from dmlbench.results import leaderboard as lbm  # noqa: E402
-from dmlbench.results import schema  # noqa: E402
+from dmlbench.results import leaderboard as lbm
+from dmlbench.results import schema
 
 SECTION_IDS = ("leaderboards", "search-progress", "importance", "seed-spread", "cost")
 _SLUG = re.compile(r"[^A-Za-z0-9-]+")
@@ -97,11 +97,15 @@ def search_progress_plots(rows: pd.DataFrame, metric: str) -> list[Plot]:
                 for v, s in zip(cgrp[metric], cgrp[schema.STATUS], strict=True)
             ]
             x = np.arange(1, len(vals) + 1)
-            (line,) = ax.step(x, [100 * v for v in best_so_far(vals)], where="post", label=f"{method} / {backbone}")
+            (line,) = ax.step(
+                x, [100 * v for v in best_so_far(vals)], where="post", label=f"{method} / {backbone}"
+            )
             ax.scatter(x, [100 * v for v in vals], s=12, alpha=0.45, color=line.get_color())
         ax.set_xlabel("trial (in start order)")
         ax.set_ylabel(f"validation {lbm.display_name(metric)} (%)")
-        ax.set_title(f"{ds}: best-so-far validation {lbm.display_name(metric)} (line) and each complete trial (dots)")
+        ax.set_title(
+            f"{ds}: best-so-far validation {lbm.display_name(metric)} (line) and each complete trial (dots)"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         plots.append(Plot(_name("search-progress", str(ds)), f"{ds}: search progress", _png(fig)))
@@ -161,7 +165,9 @@ def param_importances(search_rows: pd.DataFrame, metric: str, seed: int = 0) -> 
     import optuna
 
     done = search_rows[(search_rows[schema.STATUS] == "complete") & search_rows[metric].notna()]
-    trials = [(_scalar_params(p), float(v)) for p, v in zip(done[schema.PARAMS_JSON], done[metric], strict=True)]
+    trials = [
+        (_scalar_params(p), float(v)) for p, v in zip(done[schema.PARAMS_JSON], done[metric], strict=True)
+    ]
     dists = infer_distributions([p for p, _ in trials])
     if len(trials) < 3 or not dists:
         return {}
@@ -188,7 +194,9 @@ def importance_plots(rows: pd.DataFrame, metric: str) -> tuple[list[Plot], list[
     for (method, ds), grp in sorted(search.groupby([schema.METHOD, schema.DATASET])):
         imp = param_importances(grp, metric)
         if not imp:
-            notes.append(f"{method} on {ds}: fewer than 3 complete trials or no varied parameter; no importance.")
+            notes.append(
+                f"{method} on {ds}: fewer than 3 complete trials or no varied parameter; no importance."
+            )
             continue
         names = list(imp)[::-1]
         fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2))
@@ -198,12 +206,22 @@ def importance_plots(rows: pd.DataFrame, metric: str) -> tuple[list[Plot], list[
         ax.set_title(f"{method} on {ds} ({n} complete trials)")
         ax.set_xlim(0, 1)
         ax.grid(axis="x", alpha=0.3)
-        plots.append(Plot(_name("importance", str(method), str(ds)), f"{method} on {ds}: parameter importance", _png(fig)))
+        plots.append(
+            Plot(
+                _name("importance", str(method), str(ds)),
+                f"{method} on {ds}: parameter importance",
+                _png(fig),
+            )
+        )
     return plots, notes
 
 
 def _final_complete(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows[(rows[schema.SOURCE] == "dmlbench") & (rows[schema.PHASE] == "final") & (rows[schema.STATUS] == "complete")]
+    return rows[
+        (rows[schema.SOURCE] == "dmlbench")
+        & (rows[schema.PHASE] == "final")
+        & (rows[schema.STATUS] == "complete")
+    ]
 
 
 def _entry_label(r: Any) -> str:
@@ -270,7 +288,9 @@ def _html_table(df: pd.DataFrame, title: str, row_classes: Sequence[str] | None 
     return f"<h3>{html.escape(title)}</h3><div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
-def build_sections(rows: pd.DataFrame, *, sort: str = lbm.DEFAULT_SORT, paper: pd.DataFrame | None = None) -> list[Section]:
+def build_sections(
+    rows: pd.DataFrame, *, sort: str = lbm.DEFAULT_SORT, paper: pd.DataFrame | None = None
+) -> list[Section]:
     """Every section of the report, each with its plots or an explanatory note (never empty)."""
     lbm.check_sort(sort)
     boards = lbm.build(rows, sort=sort, paper=paper)
@@ -279,9 +299,13 @@ def build_sections(rows: pd.DataFrame, *, sort: str = lbm.DEFAULT_SORT, paper: p
         if ds in boards.final:
             final = boards.final[ds]
             classes = ["ours" if src == "dmlbench" else "paper" for src in final[schema.SOURCE]]
-            tables.html_parts.append(_html_table(lbm.display_final(final, sort), lbm.final_title(ds), classes))
+            tables.html_parts.append(
+                _html_table(lbm.display_final(final, sort), lbm.final_title(ds), classes)
+            )
         if ds in boards.search:
-            tables.html_parts.append(_html_table(lbm.display_search(boards.search[ds], sort), lbm.search_title(ds)))
+            tables.html_parts.append(
+                _html_table(lbm.display_search(boards.search[ds], sort), lbm.search_title(ds))
+            )
     progress = Section("search-progress", "Search: best-so-far validation score vs trial, per cell")
     progress.plots = search_progress_plots(rows, sort)
     importance = Section("importance", "Parameter importance per method (Optuna fANOVA on the search trials)")
@@ -322,8 +346,10 @@ def render_html(sections: list[Section], *, title: str, meta: str, warnings: Seq
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1><p class='meta'>{html.escape(meta)}</p><nav>{nav}</nav>",
-        "<p class='meta'>Bold blue rows are ours (ranked); grey italic rows are published numbers (never ranked; "
-        "their protocol column says how they were selected, e.g. test-select = best epoch on the test set).</p>",
+        (
+            "<p class='meta'>Bold blue rows are ours (ranked); grey italic rows are published numbers (never ranked; "
+            "their protocol column says how they were selected, e.g. test-select = best epoch on the test set).</p>"
+        ),
     ]
     if warnings:
         items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
@@ -355,11 +381,15 @@ def write_report(
     """Write the HTML report (and each plot as PNG under ``png_dir``); returns the files written."""
     sections = build_sections(rows, sort=sort, paper=paper)
     n_rows = int((rows[schema.SOURCE] == "dmlbench").sum())
-    meta = f"{n_rows} rows from {source or 'the results folder'}; ranked by {lbm.display_name(sort)}; " \
+    meta = (
+        f"{n_rows} rows from {source or 'the results folder'}; ranked by {lbm.display_name(sort)}; "
         "final tables are test scores of the final phase, search tables validation scores."
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(sections, title="dmlbench report", meta=meta, warnings=warnings), encoding="utf-8")
+    out.write_text(
+        render_html(sections, title="dmlbench report", meta=meta, warnings=warnings), encoding="utf-8"
+    )
     written = [out]
     if png_dir is not None:
         png_dir = Path(png_dir)
