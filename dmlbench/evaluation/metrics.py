@@ -256,12 +256,41 @@ def pair_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
     return 2 * p * r / (p + r)
 
 
+def kmeans_plus_plus(x: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """k-means++ initial centroids (Arthur & Vassilvitskii 2007): D² sampling, seeded.
+
+    The first centroid is a uniformly drawn row; each next one is drawn with probability
+    proportional to the squared distance to the nearest centroid chosen so far.
+
+    Example:
+        Two far-apart pairs: the second centroid is (almost surely) drawn from the other pair.
+
+        >>> x = np.array([[0.0, 0.0], [0.0, 0.1], [9.0, 9.0], [9.0, 9.1]])
+        >>> c = kmeans_plus_plus(x, 2, seed=0)
+        >>> bool(abs(c[0, 0] - c[1, 0]) == 9.0)
+        True
+    """
+    rng = np.random.default_rng(seed)
+    x64 = x.astype(np.float64)
+    sq = (x64 * x64).sum(1)
+    chosen = [int(rng.integers(len(x)))]
+    d2 = np.maximum(sq - 2 * x64 @ x64[chosen[0]] + sq[chosen[0]], 0.0)
+    for _ in range(1, n_clusters):
+        total = d2.sum()
+        nxt = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        chosen.append(nxt)
+        d2 = np.minimum(d2, np.maximum(sq - 2 * x64 @ x64[nxt] + sq[nxt], 0.0))
+    return np.ascontiguousarray(x[chosen], dtype=np.float32)
+
+
 def kmeans_assign(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20,
                   backend: str = "auto") -> np.ndarray:
-    """Seeded k-means; returns the cluster of each row (int64 ``[N]``).
+    """Seeded k-means with k-means++ initialisation; returns the cluster of each row (int64 ``[N]``).
 
-    Uses ``faiss.Kmeans`` (``backend="faiss"`` or ``"auto"`` with faiss importable, one run of
-    ``niter`` iterations) or scikit-learn's ``KMeans`` (``n_init=1``, ``max_iter=niter``).
+    ``backend="faiss"`` (or ``"auto"`` with faiss importable): :func:`kmeans_plus_plus` centroids,
+    then ``niter`` Lloyd iterations of ``faiss.Kmeans`` on all points. ``"sklearn"``: scikit-learn's
+    ``KMeans`` (its own k-means++, ``n_init=1``, ``max_iter=niter``). faiss's own initialisation
+    (random rows) often puts two centroids in one class and leaves another without one.
 
     Example:
         >>> x = np.array([[0.0, 0.0], [0.0, 0.1], [5.0, 5.0], [5.1, 5.0]], dtype=np.float32)
@@ -284,7 +313,7 @@ def kmeans_assign(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int =
     if faiss is not None:
         km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=seed, verbose=False,
                           min_points_per_centroid=1, max_points_per_centroid=1 << 20)
-        km.train(x)
+        km.train(x, init_centroids=kmeans_plus_plus(x, n_clusters, seed))
         _, assign = km.index.search(x, 1)
         return assign.ravel().astype(np.int64)
     from sklearn.cluster import KMeans
