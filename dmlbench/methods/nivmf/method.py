@@ -227,6 +227,7 @@ class Nivmf(Method):
                            "name": "temp"})
         return groups
 
+    @torch.no_grad()
     def on_train_start(self, ctx: TrainContext) -> None:
         """Warm start: proxies ← normalised class means of the untrained network × concentration."""
         if not self.params.warm_start or bool(self.proxies_initialised):
