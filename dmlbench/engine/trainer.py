@@ -476,7 +476,7 @@ class _Loop:
                 out = self.method.loss(batch)
             total = out.total.float()
             if not torch.isfinite(total):
-                raise Diverged(self.step + 1, float(total), {k: v for k, v in out.logs().items() if k != "loss"})
+                raise Diverged(self.step + 1, float(total.detach()), {k: v for k, v in out.logs().items() if k != "loss"})
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.ctx.step = self.step

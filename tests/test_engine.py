@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dmlbench.config import TrialConfig
+from dmlbench.engine import train
+from dmlbench.errors import CheckpointError, ConfigError, DatasetError, Diverged
+from dmlbench.methods import METHODS, Batch, LossOutput, Method
+
+
+def make(tiny_cfg: dict[str, Any], **kw: Any) -> TrialConfig:
+    return TrialConfig.from_dict({**tiny_cfg, "method": "proxyanchor", **kw})
+
+
+def test_train_reports_checkpoints_and_result(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+    calls: list[tuple[int, dict[str, float], str | None]] = []
+    res = train(make(tiny_cfg, output_dir=str(tmp_path)), report=lambda e, m, c: calls.append((e, m, c)))
+    assert [c[0] for c in calls] == [0, 1, 2]
+    assert all("map_at_r" in m and 0.0 <= m["map_at_r"] <= 1.0 for _, m, _ in calls)
+    assert "loss" in calls[1][1] and math.isfinite(calls[1][1]["loss"])
+    assert calls[1][2] == str(tmp_path / "checkpoints")
+    assert (tmp_path / "checkpoints" / "last.pt").exists() and (tmp_path / "checkpoints" / "best.pt").exists()
+    assert res.eval_split == "val" and res.steps == 6 and res.epochs_run == 2 and res.test_metrics is None
+    assert res.best_epoch in (1, 2) and res.metrics["map_at_r"] == max(h["map_at_r"] for h in res.history[1:])
+    assert len(res.split_hash) == 16 and res.pretrained_id == "none"
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / "checkpoints" / "last.pt", weights_only=True)["model"]  # type: ignore[no-any-return]
+
+
+def test_resume_is_exact(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+    straight = train(make(tiny_cfg, epochs=3, output_dir=str(tmp_path / "a")))
+    train(make(tiny_cfg, epochs=1, output_dir=str(tmp_path / "b")))
+    resumed = train(make(tiny_cfg, epochs=3, output_dir=str(tmp_path / "b")))
+    assert resumed.steps == straight.steps == 9
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert resumed.history[-1]["map_at_r"] == straight.history[-1]["map_at_r"]
+
+
+def test_corrupt_checkpoint_is_reported_not_restarted(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+    ck = tmp_path / "checkpoints"
+    ck.mkdir(parents=True)
+    (ck / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"last\.pt.*cannot be read"):
+        train(make(tiny_cfg, output_dir=str(tmp_path)))
+    assert (ck / "last.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_checkpoint_of_another_method_refused(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+    train(make(tiny_cfg, epochs=1, output_dir=str(tmp_path)))
+    other = TrialConfig.from_dict({**tiny_cfg, "method": "triplet", "output_dir": str(tmp_path)})
+    with pytest.raises(CheckpointError, match="method='proxyanchor'"):
+        train(other)
+
+
+def test_final_phase_scores_test_once(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+    res = train(make(tiny_cfg, phase="final", output_dir=str(tmp_path)))
+    assert res.eval_split == "test" and res.test_metrics is not None
+    assert res.metrics == res.test_metrics and 0.0 <= res.metrics["map_at_r"] <= 1.0
+    assert all("map_at_r" in h for h in res.history)  # validation still ran on the fold
+
+
+class _NaN(Method):
+    name = "nan_test"
+
+    def loss(self, batch: Batch) -> LossOutput:
+        out = self.backbone(batch.images).sum()
+        return LossOutput(out * float("nan"), {"part": out.detach()})
+
+
+@pytest.fixture
+def nan_method() -> Any:
+    METHODS.register("nan_test")(_NaN)
+    yield "nan_test"
+    METHODS._entries.pop("nan_test")
+
+
+def test_non_finite_loss_raises_diverged_with_step(tiny_cfg: dict[str, Any], nan_method: str) -> None:
+    with pytest.raises(Diverged) as info:
+        train(TrialConfig.from_dict({**tiny_cfg, "method": nan_method}))
+    assert info.value.step == 1 and "step 1" in str(info.value) and "part=" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kw, err, pattern",
+    [
+        ({"samples_per_class": 5000}, DatasetError, "a batch cannot be formed"),
+        ({"classes_per_batch": 50}, DatasetError, "lower classes_per_batch"),
+        ({"early_stop_metric": "accuracy"}, ConfigError, "unknown early_stop_metric"),
+        ({"backbone": "resnet_does_not_exist"}, ConfigError, "unknown backbone"),
+        ({"backbone": "tiny", "pretrained": True}, ConfigError, "no pretrained weights"),
+    ],
+)
+def test_bad_input_before_training(tiny_cfg: dict[str, Any], kw: dict[str, Any], err: type, pattern: str) -> None:
+    with pytest.raises(err, match=pattern):
+        train(make(tiny_cfg, **kw))
+
+
+def test_unwritable_output(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="not writable"):
+        train(make(tiny_cfg, output_dir=str(blocker / "sub")))
+
+
+def test_bf16_autocast_on_cpu(tiny_cfg: dict[str, Any]) -> None:
+    res = train(make(tiny_cfg, amp="bf16", epochs=1))
+    assert math.isfinite(res.history[-1]["loss"])
+
+
+def test_early_stopping(tiny_cfg: dict[str, Any]) -> None:
+    res = train(make(tiny_cfg, epochs=6, lr=1e-9, early_stop_patience=1, early_stop_min_delta=0.5))
+    assert res.stopped_early and res.epochs_run == 2
+
+
+def test_timm_backbone_and_frozen_bn(tiny_cfg: dict[str, Any]) -> None:
+    from dmlbench.engine.backbones import build_backbone
+
+    cfg = make(tiny_cfg, backbone="test_resnet", bn_policy="frozen_all", image_size=32)
+    bb = build_backbone(cfg)
+    bb.train()
+    bns = [m for m in bb.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns) and all(not p.requires_grad for m in bns for p in m.parameters())
+    assert bb(torch.rand(2, 3, 32, 32)).shape == (2, 32)
+    stats = make(tiny_cfg, backbone="test_resnet", bn_policy="frozen_stats", image_size=32)
+    bb2 = build_backbone(stats).train()
+    assert all(p.requires_grad for m in bb2.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+
+
+def test_pretrained_missing_is_explained(tiny_cfg: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dmlbench.engine.backbones import build_backbone
+    from dmlbench.errors import DmlbenchError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DmlbenchError, match="not in the local timm/Hugging Face cache"):
+        build_backbone(make(tiny_cfg, backbone="test_resnet", pretrained=True))
+    with pytest.raises(DmlbenchError, match="does not exist"):
+        build_backbone(make(tiny_cfg, backbone="test_resnet", pretrained=str(tmp_path / "w.pth")))
+
+
+def test_pretrained_from_local_file(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+    import timm
+
+    from dmlbench.engine.backbones import build_backbone
+
+    src = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    bb = build_backbone(make(tiny_cfg, backbone="test_resnet", pretrained=str(tmp_path / "w.pth")))
+    for (k, v), (k2, v2) in zip(src.state_dict().items(), bb.trunk.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert bb.pretrained_id.startswith("file:w.pth:")
