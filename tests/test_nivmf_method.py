@@ -202,3 +202,39 @@ def test_recommended_settings_validate() -> None:
         cfg = TrialConfig.from_dict(data)
         Nivmf.check_trial_config(cfg)
     assert Nivmf.recommended("sop", False) == {}  # no released recipe
+
+
+def test_search_space_samples_validate_and_cover_the_tuned_parameters() -> None:
+    import optuna
+
+    from dmlbench.search_spaces.loader import build_trial_config, load_space
+
+    space = load_space("nivmf")
+    tuned = {"temp", "concentration", "init_norm_multiplier", "guidance_w", "proxy_lr_mult", "kappa_lr_mult",
+             "temp_lr_mult", "n_samples", "lr_milestone_frac", "lr_gamma"}
+    assert tuned <= set(space.names())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        trial = study.ask()
+        values = space.define_by_run()(trial)
+        values = {**trial.params, **values}
+        cfg = build_trial_config({"method": "nivmf", "dataset": "cub200"}, values)
+        Nivmf.check_trial_config(cfg)
+        assert cfg.lr == 1e-5 and cfg.samples_per_class == 2
+        assert 2.0 <= cfg.params["concentration"] <= 50.0
+        study.tell(trial, 0.0)
+
+
+def test_configure_scheduler_milestone_fraction() -> None:
+    method = build(make_cfg({"lr_milestone_frac": 0.25, "lr_gamma": 0.5}))
+    opt = torch.optim.SGD([method.proxy_v], lr=1.0)
+    sched = method.configure_scheduler(opt, epochs=8)
+    assert sched is not None
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [1.0, 1.0, 0.5, 0.5]
+    assert build(make_cfg()).configure_scheduler(opt, 8) is None

@@ -54,6 +54,10 @@ class NivmfParams(MethodParams):
     proxy_lr_mult: float = Field(default=5000.0, gt=0, description="proxy-direction lr = lr × this")
     kappa_lr_mult: float = Field(default=20000.0, gt=0, description="proxy-concentration lr = lr × this")
     temp_lr_mult: float = Field(default=200.0, gt=0, description="temperature lr = lr × this")
+    lr_milestone_frac: float | None = Field(
+        default=None, gt=0, lt=1, description="MultiStepLR milestone as a fraction of epochs; None: the trial's schedule"
+    )
+    lr_gamma: float = Field(default=0.3, gt=0, le=1, description="decay factor at lr_milestone_frac")
 
     @model_validator(mode="after")
     def _checks(self) -> NivmfParams:
@@ -213,6 +217,16 @@ class Nivmf(Method):
     def embed(self, images: Tensor) -> Tensor:
         """The normalised embedding (the image vMF's mode), compared by cosine."""
         return nn.functional.normalize(self.backbone(images).float(), dim=-1)
+
+    def configure_scheduler(
+        self, optimizer: torch.optim.Optimizer, epochs: int
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """One MultiStepLR milestone at ``lr_milestone_frac`` × epochs (searchable), else None."""
+        frac = self.params.lr_milestone_frac
+        if frac is None:
+            return None
+        milestone = max(1, round(frac * epochs))
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=self.params.lr_gamma)
 
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """backbone (lr, default wd), proxies / kappa / temp (lr × multiplier, wd 0)."""
