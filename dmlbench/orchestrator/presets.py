@@ -1,0 +1,48 @@
+"""Named presets: defaults for a whole sweep that explicit CLI options override.
+
+``smoke`` is sized so that ``make sweep`` (nivmf, ccp, diva, proxyanchor × synthetic, digits:
+8 cells) finishes in under 10 minutes on a 2-core CPU while still exercising the search (3 trials
+per cell), ASHA pruning (grace 1 epoch, 2 epochs, reduction 2) and the final phase (2 seeds).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dmlbench.errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "backbones": ("tiny",),
+        "trials": 3,
+        "epochs": 2,
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "final_seeds": 2,
+        "cpus_per_trial": 1.0,
+        "gpus_per_trial": 0.0,
+        "trial_base": {
+            "pretrained": False,
+            "image_size": 32,
+            "embedding_dim": 32,
+            "classes_per_batch": 4,
+            "samples_per_class": 4,
+            "iters_per_epoch": 4,
+            "eval_batch_size": 128,
+            "bn_policy": "train",
+            "device": "cpu",
+            "progress": False,
+        },
+    },
+}
+
+
+def preset_defaults(name: str | None) -> dict[str, Any]:
+    """Spec defaults of a preset (a copy); ``None`` → ``{}``."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}.")
+    out = dict(PRESETS[name])
+    out["trial_base"] = dict(out.get("trial_base", {}))
+    return out

@@ -1,0 +1,141 @@
+"""Turn a finished Tune trial into a schema row (pure: no Ray imports)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from dmlbench.orchestrator.spec import Cell, SweepSpec
+from dmlbench.orchestrator.trainable import BEST_KEY, EPOCH_KEY, ERROR_KEY, STATUS_KEY, SUMMARY_KEY
+from dmlbench.results import provenance, schema
+
+_SPLIT_COLUMNS = {
+    schema.MAP_AT_R,
+    schema.R_PRECISION,
+    schema.PRECISION_AT_1,
+    schema.NMI,
+    schema.F1,
+    *schema.RECALL,
+}
+#: Tune's own bookkeeping keys (not metrics)
+_TUNE_KEYS = {
+    "time_this_iter_s", "time_total_s", "timestamp", "training_iteration", "done", "pid", "hostname",
+    "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "date",
+    "trial_id", "experiment_tag", "config", "should_checkpoint",
+}  # fmt: skip
+
+
+def row_id(spec: SweepSpec, cell: Cell, phase: str, trial_id: str) -> str:
+    """``<sweep>-<cell slug>-<phase>-<trial id>``; the same trial always gets the same id."""
+    return f"{spec.sweep_id}-{cell.slug}-{phase}-{trial_id}"
+
+
+def classify(last: dict[str, Any], errored: bool) -> str:
+    """Row status of a terminal trial from its last report.
+
+    ``complete``/``diverged``/``failed`` come from the trainable's final report; a trial Tune
+    marked as errored (OOM after its retry, a dead worker past ``max_failures``) is ``failed``;
+    a trial that stopped without a final report was stopped by ASHA: ``pruned``.
+    """
+    status = str(last.get(STATUS_KEY, ""))
+    if status in ("complete", "diverged", "failed"):
+        return status
+    return "failed" if errored else "pruned"
+
+
+def build_row(
+    spec: SweepSpec,
+    cell: Cell,
+    phase: str,
+    trial_id: str,
+    config_json: str | None,
+    params: dict[str, Any],
+    last: dict[str, Any],
+    error: str | None,
+    seed: int,
+    fold: int | None,
+    base: dict[str, Any],
+) -> dict[str, Any]:
+    """One schema row for a terminal trial."""
+    status = classify(last, errored=error is not None)
+    summary: dict[str, Any] = json.loads(last.get(SUMMARY_KEY) or "{}")
+    best: dict[str, float] = json.loads(last.get(BEST_KEY) or "{}")
+    if status == "complete":
+        metrics = dict(summary.get("metrics") or {})
+        if phase == "final" and summary.get("test_metrics"):
+            metrics = dict(summary["test_metrics"])
+        best_epoch = summary.get("best_epoch")
+        eval_split = summary.get("eval_split") or ("test" if phase == "final" else "val")
+    else:
+        metrics = {k: v for k, v in best.items() if k != "epoch"}
+        best_epoch = int(best["epoch"]) if "epoch" in best else None
+        eval_split = "test" if phase == "final" else "val"
+    epochs = summary.get("epochs_run")
+    if epochs is None:
+        ep = last.get(EPOCH_KEY)
+        epochs = int(ep) if isinstance(ep, (int, float)) else None
+    wall = summary.get("wall_time_s")
+    if wall is None:
+        wall = last.get("time_total_s")
+    gpu_type, gpu_count = provenance.gpu_info()
+    gpu_hours = None
+    if wall is not None:
+        gpu_hours = float(wall) / 3600.0 * (spec.gpus_per_trial if spec.gpus_per_trial > 0 else 0.0)
+    err = error or (str(last.get(ERROR_KEY)) if last.get(ERROR_KEY) else None)
+    row: dict[str, Any] = {
+        schema.ROW_ID: row_id(spec, cell, phase, trial_id),
+        schema.SWEEP_ID: spec.sweep_id,
+        schema.CELL: cell.key,
+        schema.TRIAL_ID: trial_id,
+        schema.SOURCE: "dmlbench",
+        schema.CREATED_AT: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        schema.METHOD: cell.method,
+        schema.DATASET: cell.dataset,
+        schema.BACKBONE: cell.backbone,
+        schema.PRETRAINED: summary.get("pretrained_id") or _pretrained_label(base),
+        schema.EMBEDDING_DIM: base.get("embedding_dim"),
+        schema.IMAGE_SIZE: base.get("image_size"),
+        schema.BN_POLICY: base.get("bn_policy"),
+        schema.PROTOCOL: f"cv{spec.folds}-val-select",
+        schema.SPLIT_HASH: summary.get("split_hash"),
+        schema.FOLD: fold,
+        schema.SEED: seed,
+        schema.PHASE: phase,
+        schema.EVAL_SPLIT: eval_split,
+        schema.STATUS: status,
+        schema.ERROR: err,
+        schema.PARAMS_JSON: json.dumps(params, sort_keys=True),
+        schema.CONFIG_JSON: config_json,
+        schema.METRICS_JSON: json.dumps(metrics, sort_keys=True),
+        schema.EPOCHS: epochs,
+        schema.BEST_EPOCH: int(best_epoch) if best_epoch is not None else None,
+        schema.STEPS: summary.get("steps"),
+        schema.WALL_TIME_S: float(wall) if wall is not None else None,
+        schema.GPU_HOURS: gpu_hours,
+        schema.GPU_TYPE: gpu_type if spec.gpus_per_trial > 0 else "cpu",
+        schema.GPU_COUNT: gpu_count if spec.gpus_per_trial > 0 else 0,
+        schema.PACKAGE_VERSIONS_JSON: provenance.package_versions_json(),
+        schema.GIT_SHA: provenance.git_sha(),
+        schema.SCHEMA_VERSION_COL: schema.SCHEMA_VERSION,
+    }
+    for col in _SPLIT_COLUMNS:
+        if col in metrics:
+            row[col] = float(metrics[col])
+    if not row[schema.EMBEDDING_DIM]:
+        row[schema.EMBEDDING_DIM] = None
+    return row
+
+
+def _pretrained_label(base: dict[str, Any]) -> str:
+    pre = base.get("pretrained", True)
+    if pre is False:
+        return "none"
+    if pre is True:
+        return f"timm:{base.get('backbone', '?')}"
+    return str(pre)
+
+
+def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The searched/fixed values of a Tune config (without Tune's own keys)."""
+    return {k: v for k, v in config.items() if k not in _TUNE_KEYS}

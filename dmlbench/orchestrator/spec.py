@@ -1,0 +1,150 @@
+"""``SweepSpec``: the validated, frozen description of one sweep (DESIGN §2, §5).
+
+The CLI builds a ``SweepSpec``; everything downstream (cells, experiment names, the sweep id, the
+resume check) derives from it. Fields that change *what* is computed form the identity hash;
+where it runs (``output``, ``address``, ``storage``, ``max_concurrent``) does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dmlbench.config import TrialConfig
+
+#: spec fields that do not change the results (excluded from the identity hash)
+RUNTIME_FIELDS = frozenset({"output", "address", "storage", "max_concurrent", "name", "dashboard_host"})
+EMBEDDED = ("synthetic", "digits")
+BENCHMARKS = ("cub200", "cars196", "sop", "inshop")
+METRIC_MODES = {"map_at_r": "max", "r_precision": "max", "precision_at_1": "max", "nmi": "max", "f1": "max"}
+
+
+class SweepSpec(BaseModel):
+    """One sweep: methods × datasets × backbones, each cell searched with ``trials`` trials."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    methods: tuple[str, ...] = Field(min_length=1)
+    datasets: tuple[str, ...] = Field(min_length=1)
+    backbones: tuple[str, ...] = Field(default=("resnet50",), min_length=1)
+    trials: int = Field(default=20, ge=1, description="search trials per cell")
+    epochs: int = Field(default=30, ge=1, description="max epochs per trial (ASHA max_t)")
+    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial can be pruned")
+    reduction_factor: int = Field(default=2, ge=2, description="ASHA reduction factor")
+    metric: str = Field(default="map_at_r", description="validation metric the search maximises")
+    gpus_per_trial: float = Field(default=0.0, ge=0)
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    search_space: str | None = Field(default=None, description="YAML overriding its method's space")
+    folds: int = Field(default=4, ge=2)
+    final_seeds: int = Field(default=3, ge=0)
+    seed: int = 0
+    name: str | None = None
+    output: str = "results"
+    address: str | None = None
+    storage: str | None = None
+    dashboard_host: str = "127.0.0.1"
+    preset: Literal["smoke"] | None = None
+    data_root: str | None = None
+    max_failures: int = Field(default=2, ge=0, description="restarts of a trial whose worker died (or OOM)")
+    trial_base: dict[str, Any] = Field(default_factory=dict, description="TrialConfig defaults for every trial")
+
+    @field_validator("methods", "datasets", "backbones")
+    @classmethod
+    def _no_duplicates(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"listed twice: {', '.join(dup)}")
+        if any(not x.strip() for x in v):
+            raise ValueError("empty name in the list")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/\\ ") or v.startswith(".")):
+            raise ValueError("a sweep name must be non-empty, without spaces or slashes, not starting with '.'")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in METRIC_MODES:
+            raise ValueError(f"unknown metric {v!r}; valid: {', '.join(METRIC_MODES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        unknown = sorted(set(self.trial_base) - set(TrialConfig.model_fields))
+        if unknown:
+            raise ValueError(f"trial_base has unknown trial settings: {', '.join(unknown)}")
+        if self.grace_period > self.epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must not exceed epochs ({self.epochs})")
+        return self
+
+    # ---- identity ---------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the results (everything but where and how fast it runs)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+
+    def spec_hash(self, length: int = 10) -> str:
+        """Stable hash of :meth:`identity`.
+
+        Example:
+            >>> a = SweepSpec(methods=("ccp",), datasets=("digits",))
+            >>> a.spec_hash() == a.model_copy(update={"output": "elsewhere"}).spec_hash()
+            True
+        """
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+    @property
+    def sweep_id(self) -> str:
+        """``--name`` when given, else ``sweep-<spec hash>`` (the same command → the same id)."""
+        return self.name or f"sweep-{self.spec_hash(8)}"
+
+    @property
+    def mode(self) -> str:
+        return METRIC_MODES[self.metric]
+
+    def cells(self) -> list[Cell]:
+        """Every (method, dataset, backbone) combination, in a deterministic order."""
+        return [Cell(m, d, b) for m in self.methods for d in self.datasets for b in self.backbones]
+
+    def diff(self, other: SweepSpec) -> list[str]:
+        """Human-readable differences of the identity fields (``other`` is the old spec)."""
+        new, old = self.identity(), other.identity()
+        return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(new) | set(old)) if new.get(k) != old.get(k)]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, dataset, backbone) cell of the sweep matrix."""
+
+    method: str
+    dataset: str
+    backbone: str
+
+    @property
+    def key(self) -> str:
+        """Schema ``cell`` value, e.g. ``ccp/digits/tiny``."""
+        return f"{self.method}/{self.dataset}/{self.backbone}"
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe key, e.g. ``ccp-digits-tiny``."""
+        return "-".join(x.replace("/", "_").replace(".", "_") for x in (self.method, self.dataset, self.backbone))
+
+
+def experiment_name(spec: SweepSpec, cell: Cell, phase: str = "search") -> str:
+    """Deterministic Tune experiment / Optuna study name of a cell.
+
+    The spec hash is part of it, so a sweep continued with ``--force`` under a changed spec
+    starts new experiments while keeping the rows already written.
+    """
+    suffix = "" if phase == "search" else f"-{phase}"
+    return f"{spec.sweep_id}-{cell.slug}-{spec.spec_hash(6)}{suffix}"
