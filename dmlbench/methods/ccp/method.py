@@ -135,7 +135,47 @@ class CCP(Method):
         return [group]
 
     def iters_per_epoch(self) -> int | None:
-        return self.hp.iters_per_epoch
+        """Steps per validation round: the trial's ``iters_per_epoch`` when set, else the params' (25)."""
+        return self.cfg.iters_per_epoch or self.hp.iters_per_epoch
+
+    @classmethod
+    def recommended(cls, dataset: str, embedded: bool) -> dict[str, Any]:
+        """The reference recipe (spec §2–3) for the benchmarks; short stages for embedded data.
+
+        Benchmarks: Adam lr 1e-5, eps 1e-7, coupled decay 1e-4, clip-norm 10 then clip-value 10,
+        frozen BN, 128-d, 8 classes × 4 images, early stopping after 60 rounds (min delta 1e-5),
+        up to 10000 rounds; P/b = 8/12 with 25-step rounds (CUB, Cars196) or 4/7 with 250-step rounds
+        (SOP, In-shop). The backbone (BN-Inception at 227 px in the paper) is left to the user.
+        Embedded data (tiny CNN from scratch): the dataset preset's optimiser settings, P = 2,
+        b = 3, 10-step rounds and stage patience 2 so stages change within a one-minute run.
+        """
+        clip = {"grad_clip_norm": 10.0, "grad_clip_value": 10.0, "adam_eps": 1e-7}
+        if embedded:
+            return {
+                **clip,
+                "params": {"proxies_per_class": 2, "pool_size": 3, "iters_per_epoch": 10, "stage_patience": 2},
+            }
+        params: dict[str, Any] = (
+            {"proxies_per_class": 4, "pool_size": 7, "iters_per_epoch": 250}
+            if dataset in ("sop", "inshop")
+            else {"proxies_per_class": 8, "pool_size": 12, "iters_per_epoch": 25}
+        )
+        return {
+            **clip,
+            "optimizer": "adam",
+            "lr": 1e-5,
+            "weight_decay": 1e-4,
+            "schedule": "constant",
+            "bn_policy": "frozen_all",
+            "embedding_dim": 128,
+            "classes_per_batch": 8,
+            "samples_per_class": 4,
+            "epochs": 10000,
+            "early_stop_metric": "map_at_r",
+            "early_stop_patience": 60,
+            "early_stop_min_delta": 1e-5,
+            "params": params,
+        }
 
     # ---- hooks ----------------------------------------------------------------------------
     def on_after_backward(self, ctx: TrainContext) -> None:

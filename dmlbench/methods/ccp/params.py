@@ -95,7 +95,10 @@ class CCPParams(MethodParams):
     kcenter_normalized: bool = Field(default=False, description="k-center on L2-normalised embeddings")
     random_init: bool = Field(default=False, description="stage 1 keeps He-normal random proxies")
     iters_per_epoch: int | None = Field(
-        default=25, ge=1, description="steps per validation round (25 CUB/Cars, 250 SOP/In-shop); None: trainer's"
+        default=25,
+        ge=1,
+        description="steps per validation round (25 CUB/Cars, 250 SOP/In-shop); the trial's iters_per_epoch "
+        "wins when set; None: the trainer's default (one pass)",
     )
     adam_beta2: float = Field(default=0.999, gt=0, lt=1, description="Adam beta2 (supplement: 0.99)")
 
