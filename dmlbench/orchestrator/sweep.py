@@ -233,6 +233,15 @@ class _RowWriter:
     def __init__(self, spec: SweepSpec, cell: Cell, phase: str, base: dict[str, Any], outcome: CellOutcome):
         self.spec, self.cell, self.phase, self.base, self.outcome = spec, cell, phase, base, outcome
         self.rows_dir = sweep_dir(spec) / store.ROWS_DIR
+        self.experiment = ""
+        self.running: set[str] = set()
+
+    def progress(self, trial_id: str, running: bool) -> None:
+        from dmlbench.orchestrator.status import write_progress
+
+        (self.running.add if running else self.running.discard)(trial_id)
+        if self.experiment:
+            write_progress(sweep_dir(self.spec), self.experiment, self.running)
 
     def write(self, trial: Any) -> None:
         from dmlbench.search_spaces.loader import build_trial_config
@@ -271,11 +280,16 @@ def _row_callback(writer: _RowWriter) -> Any:
     from ray.tune import Callback
 
     class RowCallback(Callback):  # type: ignore[misc]
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            writer.progress(trial.trial_id, True)
+
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             writer.write(trial)
+            writer.progress(trial.trial_id, False)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             writer.write(trial)
+            writer.progress(trial.trial_id, False)
 
     return RowCallback()
 
@@ -320,6 +334,7 @@ def _fit(spec: SweepSpec, name: str, make_tuner: Callable[[], Any], trainable: A
     from ray import tune
 
     path = f"{cluster.storage_root(spec)}/{name}"
+    writer.experiment = name
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)  # fmt: skip
@@ -331,6 +346,8 @@ def _fit(spec: SweepSpec, name: str, make_tuner: Callable[[], Any], trainable: A
     for trial in grid._experiment_analysis.trials:
         if trial.status in ("TERMINATED", "ERROR"):
             writer.write(trial)
+    writer.running.clear()
+    writer.progress("", False)
     return grid
 
 
@@ -454,3 +471,49 @@ def summary_table(outcomes: list[CellOutcome], spec: SweepSpec) -> str:
 
 def _status_of(last: dict[str, Any]) -> str:
     return str(last.get(STATUS_KEY, ""))
+
+
+def build_spec(
+    *,
+    methods: str,
+    datasets: str,
+    preset: str | None = None,
+    **options: Any,
+) -> SweepSpec:
+    """CLI options → a validated :class:`SweepSpec` (preset < explicit options; ``None`` = not given).
+
+    ``methods``/``datasets``/``backbones`` are comma lists; ``all`` and ``embedded`` expand. Unknown
+    method and dataset names raise listing the valid ones.
+    """
+    from pydantic import ValidationError
+
+    from dmlbench.config import format_validation_error
+    from dmlbench.datasets import DATASETS
+    from dmlbench.methods import METHODS
+    from dmlbench.orchestrator.presets import preset_defaults
+
+    def split(text: str, what: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise ConfigError(f"--{what} is empty; give a comma-separated list.")
+        return items
+
+    data: dict[str, Any] = preset_defaults(preset)
+    data["preset"] = preset
+    mlist = expand_names(split(methods, "methods"), "method")
+    dlist = expand_names(split(datasets, "datasets"), "dataset")
+    for m in mlist:
+        METHODS.get(m)
+    for d in dlist:
+        DATASETS.get(d)
+    data["methods"], data["datasets"] = tuple(mlist), tuple(dlist)
+    backbones = options.pop("backbones", None)
+    if backbones is not None:
+        data["backbones"] = tuple(split(backbones, "backbones"))
+    for key, value in options.items():
+        if value is not None:
+            data[key] = str(value) if isinstance(value, Path) else value
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, SweepSpec, "sweep options")) from None
