@@ -100,12 +100,27 @@ def sort_pairs_desc(scores: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     return scores.gather(1, by_score), ids.gather(1, by_score)
 
 
+def _order_ties(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Re-sort (score desc, id asc) only the rows that contain equal adjacent scores."""
+    if values.shape[1] < 2:
+        return values, ids
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if not bool(tied.any()):
+        return values, ids
+    rows = torch.nonzero(tied).squeeze(1)
+    v, i = sort_pairs_desc(values[rows], ids[rows])
+    values, ids = values.clone(), ids.clone()
+    values[rows], ids[rows] = v, i
+    return values, ids
+
+
 def topk_desc(scores: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` of each row: highest score first, equal scores by lower column first.
 
     ``torch.topk`` leaves the order of equal values unspecified; this asks it for ``k + 1``
-    values, re-sorts rows whose k-th and (k+1)-th values tie with a stable full sort, and orders
-    ties inside the kept ``k`` by column.
+    values. In rows whose k-th and (k+1)-th values tie (a tie across the cut) it keeps the items
+    above the k-th value plus the lowest columns equal to it; then it orders ties inside the kept
+    ``k`` by column.
 
     Args:
         scores: ``[B, m]`` scores (NaN-free).
@@ -133,13 +148,17 @@ def topk_desc(scores: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
         values, indices = values[:, :k], indices[:, :k]
         if bool(across_cut.any()):
             rows = torch.nonzero(across_cut).squeeze(1)
-            full = torch.sort(scores[rows], dim=1, descending=True, stable=True)
-            values = values.clone()
-            indices = indices.clone()
-            values[rows] = full.values[:, :k]
-            indices[rows] = full.indices[:, :k]
-    if k > 1 and bool((values[:, 1:] == values[:, :-1]).any()):
-        values, indices = sort_pairs_desc(values, indices)
+            values, indices = values.clone(), indices.clone()
+            vk = values[rows, k - 1]
+            above = (values[rows] > vk[:, None]).sum(dim=1)  # these are certainly kept
+            equal = scores[rows] == vk[:, None]
+            rank = torch.cumsum(equal, dim=1)  # 1-based rank among the tied columns
+            take = equal & (rank <= (k - above)[:, None])
+            r_local, cols = torch.nonzero(take, as_tuple=True)
+            pos = above[r_local] + rank[r_local, cols] - 1
+            indices[rows[r_local], pos] = cols
+            # slots before `above` keep topk's items (all > vk); tied slots now hold the lowest columns
+    values, indices = _order_ties(values, indices)
     return values, indices + offset
 
 
@@ -175,9 +194,7 @@ def merge_topk(
             top, top_ids = top.clone(), top_ids.clone()
             top[rows, :k], top_ids[rows, :k] = fs[:, :k], fi[:, :k]
         top, top_ids = top[:, :k], top_ids[:, :k]
-    if k > 1 and bool((top[:, 1:] == top[:, :-1]).any()):
-        top, top_ids = sort_pairs_desc(top, top_ids)
-    return top, top_ids
+    return _order_ties(top, top_ids)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""dmlbench's retrieval metrics vs pytorch-metric-learning's AccuracyCalculator, same embeddings.
+
+Computes P@1, R-Precision and MAP@R with both on the same embeddings in the same run, asserts that
+the values agree (to ``--tol``), and prints the time ratio, the peak memory of each side, and the
+time of the bare float32 matmul of the same size (the floor: both have to form every similarity).
+
+Each side runs in its own subprocess so that its peak resident memory (``ru_maxrss``, which sees
+torch and faiss allocations, unlike tracemalloc) is its own; the figure printed is the peak minus
+the resident size after the embeddings were loaded.
+
+Embeddings: ``--classes`` balanced classes, Gaussian class centres plus noise. By default they are
+rounded to small integers and compared with the euclidean distance: squared distances are then
+exact in float32 for both libraries (faiss computes ``|q|² + |r|² - 2 q·r``, dmlbench
+``2 q·r - |q|² - |r|²``), ties are real ties, broken by lower index on both sides, so the values
+must be identical. ``--distance cosine`` uses float embeddings instead; there both sides round
+differently and neighbours whose scores differ by ~1e-7 can swap (see docs/evaluation.md).
+
+Usage::
+
+    python bench/eval_vs_pml.py                 # 20,000 x 512, 100 classes
+    python bench/eval_vs_pml.py --n 100000      # memory case
+    python bench/eval_vs_pml.py --quick         # 2,000 x 64 smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("precision_at_1", "r_precision", "map_at_r")
+PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
+             "mean_average_precision_at_r": "map_at_r"}
+
+
+def make_data(n: int, dim: int, classes: int, seed: int, distance: str) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced labels, class centres + noise; small integers for the exact euclidean case."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % classes).astype(np.int64)
+    centres = rng.standard_normal((classes, dim), dtype=np.float32)
+    emb = centres[labels] + 2.0 * rng.standard_normal((n, dim), dtype=np.float32)
+    if distance == "euclidean":
+        emb = np.clip(np.rint(emb * 1.5), -7, 7)  # |d|² ≤ 512 · 14² < 2²⁴: exact in float32
+    return np.ascontiguousarray(emb, dtype=np.float32), labels
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(side: str, folder: Path, distance: str, chunk: int) -> dict[str, object]:
+    """One side, in a fresh process: load the arrays, run, report time and memory."""
+    import torch
+
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    from dmlbench.evaluation import evaluate_embeddings
+
+    emb = torch.from_numpy(np.load(folder / "emb.npy"))
+    labels = torch.from_numpy(np.load(folder / "labels.npy"))
+    base = rss_mib()
+    t0 = time.perf_counter()
+    if side == "dmlbench":
+        values = evaluate_embeddings(emb, labels, metrics=("precision_at_1", "r_precision", "map_at_r"),
+                                     distance=distance, chunk_size=chunk, backend="torch")
+    elif side == "pml":
+        calc = AccuracyCalculator(include=tuple(PML_NAMES), k="max_bin_count", device=torch.device("cpu"))
+        query = torch.nn.functional.normalize(emb, dim=1) if distance == "cosine" else emb
+        values = {PML_NAMES[k]: float(v) for k, v in calc.get_accuracy(query, labels).items()}
+    elif side == "matmul":
+        n = emb.shape[0]
+        if n <= 40_000:  # the bare product, [N, N] float32 in one call
+            torch.mm(emb, emb.T)
+        else:  # too big to hold: the same flops into one reused [chunk, N] buffer
+            out = torch.empty(chunk, n)
+            for s in range(0, n, chunk):
+                e = min(s + chunk, n)
+                torch.mm(emb[s:e], emb.T, out=out[: e - s])
+        values = {}
+    else:
+        raise ValueError(side)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_mib": peak_mib() - base, "values": values}
+
+
+def run_side(side: str, folder: Path, distance: str, chunk: int) -> dict[str, object]:
+    cmd = [sys.executable, __file__, "--worker", side, "--folder", str(folder), "--distance", distance,
+           "--chunk", str(chunk)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20_000, help="number of embeddings")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--distance", choices=("euclidean", "cosine"), default="euclidean")
+    ap.add_argument("--chunk", type=int, default=4096, help="dmlbench chunk size")
+    ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per side; the fastest is reported")
+    ap.add_argument("--quick", action="store_true", help="2,000 x 64 smoke run")
+    ap.add_argument("--skip-pml", action="store_true", help="dmlbench and the floor only")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, Path(args.folder), args.distance, args.chunk)))
+        return
+    if args.quick:
+        args.n, args.dim, args.classes = 2_000, 64, 20
+
+    import torch
+
+    emb, labels = make_data(args.n, args.dim, args.classes, args.seed, args.distance)
+    print(f"{args.n} x {args.dim} embeddings, {args.classes} classes, {args.distance}; "
+          f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+    sides = ["matmul", "dmlbench"] + ([] if args.skip_pml else ["pml"])
+    best: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        np.save(folder / "emb.npy", emb)
+        np.save(folder / "labels.npy", labels)
+        for _ in range(args.repeats):
+            for side in sides:
+                res = run_side(side, folder, args.distance, args.chunk)
+                print(f"  {side:9s} {res['seconds']:8.2f} s   peak +{res['peak_mib']:8.0f} MiB")
+                if side not in best or float(res["seconds"]) < float(best[side]["seconds"]):  # type: ignore[arg-type]
+                    best[side] = res
+
+    ours = best["dmlbench"]
+    floor = float(best["matmul"]["seconds"])  # type: ignore[arg-type]
+    t_ours = float(ours["seconds"])  # type: ignore[arg-type]
+    print(f"dmlbench: {json.dumps(ours['values'])}")
+    print(f"dmlbench / matmul floor: {t_ours / floor:.2f}x  (target <= 1.5x)")
+    if "pml" in best:
+        theirs = best["pml"]
+        print(f"PML     : {json.dumps(theirs['values'])}")
+        diffs = {k: abs(ours["values"][k] - theirs["values"][k]) for k in METRICS}  # type: ignore[index]
+        print(f"max |dmlbench - PML| = {max(diffs.values()):.3g}")
+        t_pml = float(theirs["seconds"])  # type: ignore[arg-type]
+        print(f"PML / dmlbench time: {t_pml / t_ours:.2f}x  (target >= 1.5x);  "
+              f"peak memory dmlbench {ours['peak_mib']:.0f} MiB vs PML {theirs['peak_mib']:.0f} MiB")
+        bad = {k: d for k, d in diffs.items() if not d <= args.tol}
+        if bad:
+            raise SystemExit(f"values differ beyond {args.tol}: {bad}")
+
+
+if __name__ == "__main__":
+    main()
