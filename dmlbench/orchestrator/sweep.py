@@ -343,12 +343,25 @@ def _fit(spec: SweepSpec, name: str, make_tuner: Callable[[], Any], trainable: A
     else:
         tuner = make_tuner()
     grid = tuner.fit()
+    unfinished = 0
     for trial in grid._experiment_analysis.trials:
         if trial.status in ("TERMINATED", "ERROR"):
             writer.write(trial)
+        else:
+            unfinished += 1
     writer.running.clear()
     writer.progress("", False)
+    if unfinished:
+        # Tune returns from fit() on Ctrl-C after saving its state: stop here instead of moving on
+        raise SweepInterrupted(
+            f"sweep interrupted with {unfinished} unfinished trial(s) in {name}; rerun the same command "
+            "(or add --resume) to continue where it stopped."
+        )
     return grid
+
+
+class SweepInterrupted(DmlbenchError):
+    """The driver was interrupted; the experiment state is saved and the sweep can be resumed."""
 
 
 def run_cell_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellOutcome) -> None:

@@ -143,7 +143,9 @@ def run_trial(
             # a trial that already trained fully (it then sends its final report and is "complete")
             payload[TIME_ATTR] = epoch
         payload.setdefault(metric, PENALTY)
-        if checkpoint_dir:
+        # only a folder that holds a resumable checkpoint is handed to Tune (the engine may name
+        # its checkpoint folder before the first save, e.g. at the epoch-0 evaluation)
+        if checkpoint_dir and (Path(checkpoint_dir) / "last.pt").is_file():
             tune.report(payload, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         else:
             tune.report(payload)
