@@ -36,13 +36,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmlbench.datasets._common import ImageFileLoader
 from dmlbench.datasets.base import SampleTable
-from dmlbench.datasets.cache import ensure_cache, cached_table
+from dmlbench.datasets.cache import cached_table, ensure_cache
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def make_jpeg_tree(root: Path, n_images: int, n_classes: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
+def make_jpeg_tree(
+    root: Path, n_images: int, n_classes: int, size: tuple[int, int], seed: int = 0
+) -> list[Path]:
     """``root/class_XXX/img_XXXXX.jpg``: smooth colour fields plus noise (photo-like JPEG size and decode cost)."""
     rng = np.random.default_rng(seed)
     w, h = size
@@ -97,8 +99,13 @@ def _one_thread(_: int) -> None:
 def time_pass(dataset: Any, workers: int, batch: int) -> float:
     """Images per second of one shuffled pass (workers started before the clock runs)."""
     loader = DataLoader(
-        dataset, batch_size=batch, shuffle=True, num_workers=workers, worker_init_fn=_one_thread,
-        persistent_workers=False, drop_last=False,
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        worker_init_fn=_one_thread,
+        persistent_workers=False,
+        drop_last=False,
     )
     it = iter(loader)
     first = next(it)  # workers up, first batch out
@@ -121,7 +128,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="alternating timed passes per pipeline")
-    ap.add_argument("--workdir", type=str, default=None, help="where to write the JPEGs and cache (default: a temp dir)")
+    ap.add_argument(
+        "--workdir", type=str, default=None, help="where to write the JPEGs and cache (default: a temp dir)"
+    )
     args = ap.parse_args()
 
     from torchvision import datasets, transforms
@@ -133,7 +142,9 @@ def main() -> None:
         if len(list((work / "jpegs").glob("*/*.jpg"))) != args.images:
             shutil.rmtree(work / "jpegs", ignore_errors=True)
             make_jpeg_tree(work / "jpegs", args.images, args.classes, (args.width, args.height))
-            print(f"generated {args.images} JPEGs of {args.width}x{args.height} in {time.perf_counter() - t0:.1f}s")
+            print(
+                f"generated {args.images} JPEGs of {args.width}x{args.height} in {time.perf_counter() - t0:.1f}s"
+            )
 
         plain = datasets.ImageFolder(
             str(work / "jpegs"),
@@ -148,11 +159,15 @@ def main() -> None:
         )
         paths = [p for p, _ in plain.samples]
         labels = np.asarray([c for _, c in plain.samples], dtype=np.int64)
-        table = SampleTable(labels, np.array(["train"] * len(paths)), ImageFileLoader(paths, "bench"), paths=paths)
+        table = SampleTable(
+            labels, np.array(["train"] * len(paths)), ImageFileLoader(paths, "bench"), paths=paths
+        )
         t0 = time.perf_counter()
         ensure_cache(table, "bench", args.size, work / "cache", workers=args.workers)
         build = time.perf_counter() - t0
-        print(f"cache build (one-time, {args.workers} threads): {build:.1f}s = {args.images / build:.0f} images/s")
+        print(
+            f"cache build (one-time, {args.workers} threads): {build:.1f}s = {args.images / build:.0f} images/s"
+        )
         ct = cached_table(table, "bench", args.size, work / "cache")
         cached = CachedDataset(ct, args.size)
         cached_u8 = CachedDataset(ct, args.size, normalize=False)

@@ -16,7 +16,13 @@ SMALL = 64  # the smallest input the stride-2 blocks handle; keeps the CPU test 
 
 
 def cfg(**kw: object) -> TrialConfig:
-    base = {"method": "ccp", "dataset": "digits", "backbone": "bninception", "pretrained": False, "embedding_dim": 16}
+    base = {
+        "method": "ccp",
+        "dataset": "digits",
+        "backbone": "bninception",
+        "pretrained": False,
+        "embedding_dim": 16,
+    }
     return TrialConfig.from_dict({**base, **kw})
 
 
@@ -86,7 +92,10 @@ def test_frozen_batchnorm() -> None:
     out = bb(torch.rand(2, 3, SMALL, SMALL))
     out.sum().backward()
     assert torch.equal(bns[0].running_mean, before)
-    assert bb.trunk.conv1_7x7_s2.weight.grad is not None and torch.isfinite(bb.trunk.conv1_7x7_s2.weight.grad).all()
+    assert (
+        bb.trunk.conv1_7x7_s2.weight.grad is not None
+        and torch.isfinite(bb.trunk.conv1_7x7_s2.weight.grad).all()
+    )
     assert bns[0].weight.grad is None
 
 
@@ -113,7 +122,10 @@ def test_bad_weights_list_keys(tmp_path: Path, trunk: bni.BNInception) -> None:
     sd["inception_9z_1x1.weight"] = torch.zeros(1)
     path = tmp_path / "bad.pth"
     torch.save(sd, path)
-    with pytest.raises(ConfigError, match=r"1 missing key\(s\) \(inception_3a_1x1.weight\); 1 unexpected key\(s\) \(inception_9z_1x1.weight\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"1 missing key\(s\) \(inception_3a_1x1.weight\); 1 unexpected key\(s\) \(inception_9z_1x1.weight\)",
+    ):
         build_backbone(cfg(pretrained=str(path)))
 
 

@@ -188,7 +188,9 @@ def test_corrupt_image_named_during_build(tmp_path: Path) -> None:
     src.mkdir()
     table = _file_table(src, _images(4))
     Path(table.paths[3]).write_bytes(b"not an image")  # type: ignore[index]
-    table = SampleTable(table.labels, table.split, ImageFileLoader(table.paths or [], "toy"), paths=table.paths)
+    table = SampleTable(
+        table.labels, table.split, ImageFileLoader(table.paths or [], "toy"), paths=table.paths
+    )
     with pytest.raises(DatasetError, match=f"cannot decode image {table.paths[3]} of toy"):  # type: ignore[index]
         ensure_cache(table, "toy", 16, tmp_path / "c")
     assert [p for p in (tmp_path / "c").iterdir() if p.is_dir()] == []

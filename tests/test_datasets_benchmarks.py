@@ -154,7 +154,9 @@ def test_greyscale_image_becomes_rgb(tmp_path: Path) -> None:
 
 def test_full_counts_asserted_naming_file_and_count(tmp_path: Path) -> None:
     make_cub(tmp_path)
-    with pytest.raises(DatasetError, match=r"CUB_200_2011/images.txt gives 48 images but the full cub200 has 11,788"):
+    with pytest.raises(
+        DatasetError, match=r"CUB_200_2011/images.txt gives 48 images but the full cub200 has 11,788"
+    ):
         DATASETS.get("cub200")(str(tmp_path)).table()
     make_inshop(tmp_path)
     with pytest.raises(DatasetError, match=r"InShop/list_eval_partition.txt gives 33 images .* 52,712"):
@@ -165,7 +167,14 @@ def test_full_counts_pass_when_they_match(tmp_path: Path, monkeypatch: pytest.Mo
     """With the expected counts set to the tree's true sizes, expect_full accepts it (the check is not a blanket refusal)."""
     make_sop(tmp_path, n_classes=16, per_class=2)
     cls = DATASETS.get("sop")
-    full = {"images": 32, "classes": 16, "train_images": 16, "train_classes": 8, "test_images": 16, "test_classes": 8}
+    full = {
+        "images": 32,
+        "classes": 16,
+        "train_images": 16,
+        "train_classes": 8,
+        "test_images": 16,
+        "test_classes": 8,
+    }
     monkeypatch.setattr(cls, "FULL", full)
     assert len(cls(str(tmp_path)).table()) == 32
     monkeypatch.setattr(cls, "FULL", {**full, "test_classes": 9})
@@ -177,7 +186,9 @@ def test_full_counts_pass_when_they_match(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_missing_root(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"no data root for cub200: pass --data-root or set \$DMLBENCH_DATA"):
+    with pytest.raises(
+        DatasetError, match=r"no data root for cub200: pass --data-root or set \$DMLBENCH_DATA"
+    ):
         source("cub200", None).table()
     with pytest.raises(DatasetError, match="the data root .*nope does not exist"):
         source("cub200", tmp_path / "nope").table()
@@ -187,8 +198,12 @@ def test_missing_root(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "list_file"),
-    [("cub200", "image_class_labels.txt"), ("cars196", "cars_annos.mat"), ("sop", "Ebay_test.txt"),
-     ("inshop", "list_eval_partition.txt")],
+    [
+        ("cub200", "image_class_labels.txt"),
+        ("cars196", "cars_annos.mat"),
+        ("sop", "Ebay_test.txt"),
+        ("inshop", "list_eval_partition.txt"),
+    ],
 )
 def test_missing_list_file(name: str, list_file: str, tmp_path: Path) -> None:
     folder = BUILDERS[name](tmp_path)
@@ -252,11 +267,20 @@ def test_single_image_class_rejected(tmp_path: Path) -> None:
 
 def test_inshop_query_without_gallery(tmp_path: Path) -> None:
     folder = make_inshop(tmp_path, n_train=2, n_test=2, per_item=3)
-    text = (folder / "list_eval_partition.txt").read_text().replace(
-        "id_00000004/02_1_front.jpg id_00000004 gallery", "id_00000004/02_1_front.jpg id_00000004 query"
-    ).replace("id_00000004/03_1_front.jpg id_00000004 gallery", "id_00000004/03_1_front.jpg id_00000004 query")
+    text = (
+        (folder / "list_eval_partition.txt")
+        .read_text()
+        .replace(
+            "id_00000004/02_1_front.jpg id_00000004 gallery", "id_00000004/02_1_front.jpg id_00000004 query"
+        )
+        .replace(
+            "id_00000004/03_1_front.jpg id_00000004 gallery", "id_00000004/03_1_front.jpg id_00000004 query"
+        )
+    )
     (folder / "list_eval_partition.txt").write_text(text)
-    with pytest.raises(DatasetError, match="1 query item\\(s\\) of inshop have no gallery image \\(first id_00000004\\)"):
+    with pytest.raises(
+        DatasetError, match="1 query item\\(s\\) of inshop have no gallery image \\(first id_00000004\\)"
+    ):
         source("inshop", tmp_path).table()
 
 
@@ -268,7 +292,10 @@ def test_inshop_declared_count_and_header(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="declares 34 images on its first line but lists 33"):
         source("inshop", tmp_path).table()
     path.write_text("\n".join(lines[:1] + ["image item status"] + lines[2:]) + "\n")
-    with pytest.raises(DatasetError, match="line 2 is 'image item status' but should be 'image_name item_id evaluation_status'"):
+    with pytest.raises(
+        DatasetError,
+        match="line 2 is 'image item status' but should be 'image_name item_id evaluation_status'",
+    ):
         source("inshop", tmp_path).table()
 
 
@@ -277,7 +304,9 @@ def test_sop_bad_header_and_line(tmp_path: Path) -> None:
     path = folder / "Ebay_train.txt"
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[1:]) + "\n")
-    with pytest.raises(DatasetError, match="Ebay_train.txt line 1 .* should be 'image_id class_id super_class_id path'"):
+    with pytest.raises(
+        DatasetError, match="Ebay_train.txt line 1 .* should be 'image_id class_id super_class_id path'"
+    ):
         source("sop", tmp_path).table()
     path.write_text("\n".join(lines[:3] + ["7 x 1 bicycle_final/a.JPG"] + lines[3:]) + "\n")
     with pytest.raises(DatasetError, match="Ebay_train.txt line 4 is '7 x 1 bicycle_final/a.JPG'"):
@@ -288,7 +317,9 @@ def test_cub_id_mismatch(tmp_path: Path) -> None:
     folder = make_cub(tmp_path)
     lines = (folder / "image_class_labels.txt").read_text().splitlines()
     (folder / "image_class_labels.txt").write_text("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(DatasetError, match="images.txt and image_class_labels.txt disagree on the image ids \\(first: 48\\)"):
+    with pytest.raises(
+        DatasetError, match="images.txt and image_class_labels.txt disagree on the image ids \\(first: 48\\)"
+    ):
         source("cub200", tmp_path).table()
 
 
@@ -297,7 +328,10 @@ def test_cars_mat_without_class_field(tmp_path: Path) -> None:
     ann = np.zeros((1, 1), dtype=[("relative_im_path", "O")])
     ann[0, 0]["relative_im_path"] = np.array(["car_ims/000001.jpg"])
     scipy.io.savemat(str(folder / "cars_annos.mat"), {"annotations": ann})
-    with pytest.raises(DatasetError, match="has no 'annotations' struct with fields relative_im_path, class \\(missing class\\)"):
+    with pytest.raises(
+        DatasetError,
+        match="has no 'annotations' struct with fields relative_im_path, class \\(missing class\\)",
+    ):
         source("cars196", tmp_path).table()
     (folder / "cars_annos.mat").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="cannot read .*cars_annos.mat"):
@@ -305,7 +339,10 @@ def test_cars_mat_without_class_field(tmp_path: Path) -> None:
 
 
 def test_unknown_or_bad_option() -> None:
-    with pytest.raises(ConfigError, match="unknown option 'skip_corupt' for dataset cub200 \\(did you mean skip_corrupt\\?\\)"):
+    with pytest.raises(
+        ConfigError,
+        match="unknown option 'skip_corupt' for dataset cub200 \\(did you mean skip_corrupt\\?\\)",
+    ):
         DATASETS.get("cub200")(None, skip_corupt=True)
     with pytest.raises(ConfigError, match="must be true or false"):
         DATASETS.get("sop")(None, expect_full="no")
@@ -332,7 +369,12 @@ def test_check_reports_counts_and_manifest_hash(tmp_path: Path) -> None:
     assert all(c.status == "found" for c in checks), [c.message for c in checks]
     by = {c.name: c for c in checks}
     assert by["cub200"].counts == {
-        "images": 48, "classes": 16, "train_images": 24, "train_classes": 8, "test_images": 24, "test_classes": 8
+        "images": 48,
+        "classes": 16,
+        "train_images": 24,
+        "train_classes": 8,
+        "test_images": 24,
+        "test_classes": 8,
     }
     assert by["inshop"].counts["query_images"] == 3 and by["inshop"].counts["gallery_images"] == 6
     table = source("cub200", tmp_path).table()

@@ -15,16 +15,21 @@ from dmlbench.cli import EXIT_USER_ERROR, console, datasets_app, friendly
 def check(
     names: Annotated[
         list[str] | None,
-        typer.Argument(help="datasets to check (comma or space separated); 'all' = cub200, cars196, sop, inshop"),
+        typer.Argument(
+            help="datasets to check (comma or space separated); 'all' = cub200, cars196, sop, inshop"
+        ),
     ] = None,
     *,
     data_root: Annotated[
-        str | None, typer.Option("--data-root", help="folder holding the dataset folders (default $DMLBENCH_DATA)")
+        str | None,
+        typer.Option("--data-root", help="folder holding the dataset folders (default $DMLBENCH_DATA)"),
     ] = None,
     skip_corrupt: Annotated[
         bool, typer.Option("--skip-corrupt", help="decode every image; count and skip the ones that fail")
     ] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="decode every image and fail on the first corrupt one")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="decode every image and fail on the first corrupt one")
+    ] = False,
     subset: Annotated[
         bool, typer.Option("--subset", help="accept partial datasets: do not assert the full-size counts")
     ] = False,

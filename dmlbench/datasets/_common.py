@@ -175,7 +175,9 @@ class BenchmarkSource(DatasetSource):
             )
         for key, value in options.items():
             if not isinstance(value, bool):
-                raise ConfigError(f"dataset option {key!r} of {self.name} must be true or false, got {value!r}.")
+                raise ConfigError(
+                    f"dataset option {key!r} of {self.name} must be true or false, got {value!r}."
+                )
         super().__init__(root, **{**DEFAULT_OPTIONS, **options})
         self._table: SampleTable | None = None
         #: absolute paths of the images dropped by ``skip_corrupt`` in the last ``table()``
@@ -225,7 +227,9 @@ class BenchmarkSource(DatasetSource):
         folder = self.dataset_dir()
         listing = self.read_listing(folder)
         if len(listing.rel_paths) == 0:
-            raise DatasetError(f"{self.folder}/{listing.list_file} lists no images; re-extract the official archive.")
+            raise DatasetError(
+                f"{self.folder}/{listing.list_file} lists no images; re-extract the official archive."
+            )
         if self.options["expect_full"]:
             self._check_full_counts(listing)
         paths = [str(folder / p) for p in listing.rel_paths]
@@ -312,7 +316,9 @@ class BenchmarkSource(DatasetSource):
             return DatasetCheck(self.name, "malformed", str(err))
         counts = listing_counts(table.labels, table.split, table.is_query, table.is_gallery)
         if self.query_gallery:
-            counts["train_single_image_classes"] = len(single_image_classes(table.labels, table.split == "train"))
+            counts["train_single_image_classes"] = len(
+                single_image_classes(table.labels, table.split == "train")
+            )
         if self.options["skip_corrupt"]:
             counts["corrupt_skipped"] = len(self.skipped)
         msg = f"{_fmt(len(table))} images, {_fmt(counts['classes'])} classes"

@@ -70,7 +70,7 @@ def stored_side(size: int) -> int:
     """
     if size < 1:
         raise ConfigError(f"the cache image size must be a positive number of pixels, got {size}.")
-    return int(round(size * 256 / 224))
+    return round(size * 256 / 224)
 
 
 def resized_shape(height: int, width: int, side: int) -> tuple[int, int]:
@@ -85,8 +85,8 @@ def resized_shape(height: int, width: int, side: int) -> tuple[int, int]:
         (341, 256)
     """
     if height <= width:
-        return side, max(1, int(round(width * side / height)))
-    return max(1, int(round(height * side / width))), side
+        return side, max(1, round(width * side / height))
+    return max(1, round(height * side / width)), side
 
 
 def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
@@ -117,7 +117,9 @@ def source_key(table: SampleTable, dataset_id: str, size: int) -> str:
                 st = os.stat(p)
                 h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             except OSError:
-                raise DatasetError(f"the image {p} of {dataset_id} is not on disk; check the dataset first.") from None
+                raise DatasetError(
+                    f"the image {p} of {dataset_id} is not on disk; check the dataset first."
+                ) from None
     else:
         for i in range(len(table)):
             img = np.ascontiguousarray(table.load(i), dtype=np.uint8)
@@ -188,13 +190,17 @@ def ensure_cache(
 ) -> tuple[Path, bool]:
     """Make sure the cache of ``table`` exists; return its folder and whether this call built it."""
     if not dataset_id or any(c in dataset_id for c in "/\\\0"):
-        raise ConfigError(f"the cache dataset id must be a non-empty name without slashes, got {dataset_id!r}.")
+        raise ConfigError(
+            f"the cache dataset id must be a non-empty name without slashes, got {dataset_id!r}."
+        )
     side = stored_side(size)
     root = default_cache_dir(cache_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DatasetError(f"cannot create the image cache folder {root} ({err}); set ${CACHE_ENV} to a writable folder.") from None
+        raise DatasetError(
+            f"cannot create the image cache folder {root} ({err}); set ${CACHE_ENV} to a writable folder."
+        ) from None
     key = source_key(table, dataset_id, size)
     name = f"{dataset_id}-s{size}-{key}"
     final = root / name
@@ -232,7 +238,8 @@ def is_valid_cache(folder: Path, expected: dict[str, Any]) -> bool:
         sizes = index[:, 1] * index[:, 2] * 3
         ends = index[:, 0] + sizes
         return bool(
-            np.all(index[1:, 0] == ends[:-1]) and (len(index) == 0 or (index[0, 0] == 0 and ends[-1] == total))
+            np.all(index[1:, 0] == ends[:-1])
+            and (len(index) == 0 or (index[0, 0] == 0 and ends[-1] == total))
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -257,7 +264,9 @@ def _build(table: SampleTable, folder: Path, meta: dict[str, Any], workers: int 
     nthreads = workers or min(8, os.cpu_count() or 1)
     with open(folder / PIXELS, "wb") as f, ThreadPoolExecutor(max_workers=nthreads) as pool:
         for lo in range(0, n, CHUNK):
-            for i, img in zip(range(lo, min(n, lo + CHUNK)), pool.map(prepare, range(lo, min(n, lo + CHUNK))), strict=True):
+            for i, img in zip(
+                range(lo, min(n, lo + CHUNK)), pool.map(prepare, range(lo, min(n, lo + CHUNK))), strict=True
+            ):
                 h, w = img.shape[:2]
                 index[i] = (offset, h, w)
                 f.write(img.tobytes())

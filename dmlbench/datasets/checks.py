@@ -62,7 +62,9 @@ def check_datasets(
     return results
 
 
-def require_usable(names: Sequence[str] | None, root: str | None = None, **options: bool) -> list[DatasetCheck]:
+def require_usable(
+    names: Sequence[str] | None, root: str | None = None, **options: bool
+) -> list[DatasetCheck]:
     """:func:`check_datasets`, raising one :class:`DatasetError` if any dataset is unusable."""
     checks = check_datasets(names, root, **options)
     bad = [c for c in checks if not c.usable]

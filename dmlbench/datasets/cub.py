@@ -49,7 +49,7 @@ class CUB200(BenchmarkSource):
         images = _id_table(folder / "images.txt", "<image_id> <folder>/<file>.jpg")
         labels_txt = _id_table(folder / "image_class_labels.txt", "<image_id> <class_id>")
         if set(images) != set(labels_txt):
-            only = sorted(set(images) ^ set(labels_txt))[0]
+            only = min(set(images) ^ set(labels_txt))
             raise DatasetError(
                 f"{folder}/images.txt and image_class_labels.txt disagree on the image ids (first: {only}); "
                 f"re-extract the official archive."

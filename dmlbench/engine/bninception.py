@@ -161,11 +161,17 @@ def load_bninception_weights(trunk: BNInception, state: dict[str, Tensor], sourc
         sd[k] = v
     missing = sorted(k for k in own if k not in sd and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in sd if k not in own)
-    wrong = sorted(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape)
+    wrong = sorted(
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    )
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing key(s) ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+            parts.append(
+                f"{len(missing)} missing key(s) ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+            )
         if unexpected:
             parts.append(
                 f"{len(unexpected)} unexpected key(s) ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})"
@@ -202,7 +208,11 @@ def bninception(cfg: TrialConfig) -> Backbone:
     trunk = BNInception()
     pretrained_id = "none"
     if cfg.pretrained is not False:
-        path = default_weights_path() if cfg.pretrained is True else Path(os.path.expanduser(str(cfg.pretrained)))
+        path = (
+            default_weights_path()
+            if cfg.pretrained is True
+            else Path(os.path.expanduser(str(cfg.pretrained)))
+        )
         if not path.is_file():
             raise ConfigError(
                 f"BN-Inception weights not found at {path}: convert the Caffe ImageNet BN-Inception weights to a "
