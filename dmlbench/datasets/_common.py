@@ -268,7 +268,7 @@ class BenchmarkSource(DatasetSource):
             if expected is not None and got != expected:
                 raise DatasetError(
                     f"{self.folder}/{file} gives {_fmt(got)} {what.replace('_', ' ')} but the full {self.name} "
-                    f"has {_fmt(expected)}; re-extract the official archive, or pass expect_full=False to use a subset."
+                    f"has {_fmt(expected)}; re-extract the official archive, or pass expect_full=False (--subset) to use a subset."
                 )
 
     def _check_files_present(self, paths: list[str], listing: Listing) -> None:
