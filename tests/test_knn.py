@@ -146,6 +146,14 @@ def test_chunk_size_and_repeats_do_not_change_results() -> None:
     assert torch.equal(plain.indices, ref.indices)
 
 
+def test_sliced_running_topk_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = integer_data(90, 3, seed=12)
+    ref = knn(x, None, 30, distance="euclidean", chunk_size=90)
+    monkeypatch.setattr(knn_mod, "_MERGE_ROWS", 1)  # slices of chunk_size rows
+    got = knn(x, None, 30, distance="euclidean", chunk_size=8)
+    assert torch.equal(got.indices, ref.indices)
+
+
 def test_faiss_and_torch_agree_on_random_data() -> None:
     g = torch.Generator().manual_seed(6)
     x = torch.randn(400, 32, generator=g)

@@ -47,6 +47,7 @@ Backend = Literal["auto", "torch", "faiss"]
 DISTANCES: tuple[str, ...] = ("cosine", "euclidean")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 FAISS_GPU_MAX_K = 2048  # faiss GPU's largest k (faiss/gpu/utils/DeviceDefs.cuh)
+_MERGE_ROWS = 8192  # rows per slice when merging column candidates into the running top-k
 
 
 @dataclass(frozen=True)
@@ -256,7 +257,12 @@ def _torch_self_symmetric(x: Tensor, k: int, distance: str, chunk_size: int) -> 
         best_v, best_i = merge_topk((pend_v[s:e], pend_i[s:e]), rows, k)
         if e < n:
             cv, ci = topk_desc(block[:, e - s:].T, min(k, e - s), offset=s)
-            pend_v[e:], pend_i[e:] = merge_topk((pend_v[e:], pend_i[e:]), (cv, ci), k)
+            step = max(chunk_size, _MERGE_ROWS)  # merge in slices: transient memory O(step × k)
+            for t in range(e, n, step):
+                u = min(t + step, n)
+                pend_v[t:u], pend_i[t:u] = merge_topk(
+                    (pend_v[t:u], pend_i[t:u]), (cv[t - e:u - e], ci[t - e:u - e]), k
+                )
         del block
         yield KnnChunk(s, e, best_v, best_i)
 
@@ -339,10 +345,10 @@ def _faiss_chunks(q: Tensor, r: Tensor, k: int, distance: str, chunk_size: int,
             redo = torch.nonzero(scores[:, k - 1] == scores[:, k]).squeeze(1) if k > 0 else None
             scores, ids = scores[:, :k].clone(), ids[:, :k].clone()
             if redo is not None and len(redo) > 0:
-                rows = redo.to(device) + s
+                rows = (redo + s).to(device)
                 block = similarity_block(q[rows], r, distance, None, r_sq)
                 if exclude is not None:
-                    ex_rows = exclude[rows].to(device)
+                    ex_rows = exclude[redo + s].to(device)
                     has = torch.nonzero(ex_rows >= 0).squeeze(1)
                     block[has, ex_rows[has]] = float("-inf")
                 v, i = topk_desc(block, k)
