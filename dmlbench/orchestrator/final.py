@@ -27,7 +27,7 @@ def run_cell_final(
         return tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent),
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
             run_config=sweep._run_config(spec, name, [sweep._row_callback(writer)]),
         )
 

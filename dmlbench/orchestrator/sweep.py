@@ -71,6 +71,12 @@ def validate(spec: SweepSpec) -> None:
     for d in spec.datasets:
         ds_cls = DATASETS.get(d)
         if getattr(ds_cls, "embedded", False):
+            n_train = len(ds_cls(None, **dict(spec.trial_base.get("dataset_kwargs") or {})).table().classes("train"))
+            if n_train // spec.folds < 2:
+                raise ConfigError(
+                    f"{d} has {n_train} training classes, too few for {spec.folds} validation folds of at least "
+                    f"2 classes each; use --folds {max(2, n_train // 2)} or fewer."
+                )
             continue
         chk = ds_cls(spec.data_root or os.environ.get("DMLBENCH_DATA")).check()
         if not chk.usable:
@@ -390,7 +396,7 @@ def run_cell_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: 
                              grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)  # fmt: skip
         return tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=spec.trials),
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=spec.trials, reuse_actors=True),
             run_config=_run_config(spec, name, [_row_callback(writer)]),
         )
 
