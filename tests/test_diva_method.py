@@ -207,6 +207,13 @@ def test_baseline_single_head_has_no_key_net() -> None:
     assert m.embed_for_eval(torch.rand(2, 3, 16, 16)).keys() == {""}
 
 
+def test_eval_variants_can_be_switched_off() -> None:
+    m = build(eval_heads=False, eval_disc_weights=[])
+    assert m.embed_for_eval(torch.rand(2, 3, 16, 16)).keys() == {""}
+    m = build(eval_heads=False, eval_disc_weights=[0.5])
+    assert m.embed_for_eval(torch.rand(2, 3, 16, 16)).keys() == {"", "w0.5-1-1-1"}
+
+
 @pytest.mark.parametrize(
     "params,changes,match",
     [

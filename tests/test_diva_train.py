@@ -25,7 +25,8 @@ def test_train_digits_beats_untrained_and_updates_every_part(tmp_path: Path) -> 
     res = CliRunner().invoke(
         app,
         ["train", "--method", "diva", "--dataset", "digits", "--epochs", "2", "--output", str(out),
-         "--format", "json", "--set", "progress=false"],
+         "--format", "json", "--set", "progress=false", "--set", "eval_heads=true",
+         "--set", "eval_disc_weights=[0.5]"],
     )
     assert res.exit_code == 0, res.output
     payload = json.loads(res.stdout.strip().splitlines()[-1])

@@ -65,7 +65,9 @@ _BENCHMARK_COMMON: dict[str, Any] = {
 #: a softer DaNCE temperature and a late LR drop.
 _EMBEDDED: dict[str, Any] = {
     "params": {"alpha": 0.3, "rho": 10.0, "n_key_batches": 4, "dance_tau": 0.1, "decorr_hidden": 64,
-               "lr_milestone_frac": 0.75, "lr_gamma": 0.3}
+               "lr_milestone_frac": 0.75, "lr_gamma": 0.3,
+               # one evaluated embedding keeps the CPU smoke run at about a minute
+               "eval_heads": False, "eval_disc_weights": []}
 }
 
 
@@ -131,6 +133,7 @@ class DivaParams(MethodParams):
         description="extra weightings w_disc-1-1-1 evaluated for validation selection",
     )
     paper_weights: bool = Field(default=False, description="also evaluate the reference's weightings")
+    eval_heads: bool = Field(default=True, description="also evaluate each head alone ('head/<name>' metrics)")
 
     @field_validator("features")
     @classmethod
@@ -376,8 +379,9 @@ class DiVA(Method):
         heads = self.head_embeddings(images)
         out = {"": Fd.weighted_concat(heads, dict.fromkeys(heads, 1.0))}
         if len(heads) > 1:
-            for h, v in heads.items():
-                out[f"head/{h}"] = v
+            if self.hparams.eval_heads:
+                for h, v in heads.items():
+                    out[f"head/{h}"] = v
             for w in self.eval_weightings():
                 out[weighting_key(w)] = Fd.weighted_concat(heads, dict(zip(self.head_names, w, strict=True)))
         return out
