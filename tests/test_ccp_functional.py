@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,9 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _batch(seed: int, n: int = 6, d: int = 3, classes: int = 3, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    seed: int, n: int = 6, d: int = 3, classes: int = 3, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = _gen(seed)
     e = torch.randn(n, d, generator=g, dtype=DT) * scale
     y = torch.arange(n) % classes
@@ -36,7 +39,9 @@ def _dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b))
 
 
-def _pairs(y_rows: list[int], y_cols: list[int], same: bool) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _pairs(
+    y_rows: list[int], y_cols: list[int], same: bool
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     pos, neg = [], []
     for i, yi in enumerate(y_rows):
         for j, yj in enumerate(y_cols):
@@ -147,7 +152,9 @@ def test_base_losses_match_loops(seed: int, same: bool) -> None:
     assert float(got) == pytest.approx(ref_c2(rows_l, cols_l, pl, nl, 0.2, 0.9), rel=1e-9)
     assert int(info["n_active_pos"]) == sum(_dist(rows_l[i], cols_l[j]) > 0.2 for i, j in pl)
 
-    assert float(F.contrastive_c1(s, pos, neg, 0.3)) == pytest.approx(ref_c1(rows_l, cols_l, pl, nl, 0.3), rel=1e-9)
+    assert float(F.contrastive_c1(s, pos, neg, 0.3)) == pytest.approx(
+        ref_c1(rows_l, cols_l, pl, nl, 0.3), rel=1e-9
+    )
     got_ms = F.multi_similarity(s, pos, neg, 2.0, 40.0, 0.5)
     assert float(got_ms) == pytest.approx(ref_ms(rows_l, cols_l, pl, nl, 2.0, 40.0, 0.5), rel=1e-9)
     got_t, info_t = F.triplet_all(d, pos, neg, 0.3)
@@ -195,7 +202,9 @@ def test_ms_row_without_positives_counts_only_negatives() -> None:
 
 def test_ms_large_beta_does_not_overflow_in_half_range() -> None:
     s = torch.tensor([[0.99, 0.98]], dtype=torch.float32, requires_grad=True)
-    loss = F.multi_similarity(s, torch.tensor([[False, False]]), torch.tensor([[True, True]]), 2.0, 2000.0, -0.5)
+    loss = F.multi_similarity(
+        s, torch.tensor([[False, False]]), torch.tensor([[True, True]]), 2.0, 2000.0, -0.5
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
 
@@ -288,7 +297,7 @@ def test_kcenter_invariants(seed: int) -> None:
     radii = [_covering_radius(pool, seeds)]
     for k in range(1, 7):
         radii.append(_covering_radius(pool, torch.cat([seeds, pool[picks[:k]]])))
-    assert all(b <= a + 1e-12 for a, b in zip(radii, radii[1:]))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(radii))
     # each pick is the farthest point from the current centres (explicit loop)
     centres = [s for s in seeds]
     for j in picks.tolist():

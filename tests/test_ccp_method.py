@@ -113,7 +113,9 @@ def train_step(method: CCP, opt: torch.optim.Optimizer, ctx: TrainContext, gen: 
     return float(out.total.detach())
 
 
-def run_epochs(method: CCP, opt: torch.optim.Optimizer, ctx: TrainContext, values: list[float], seed: int = 2) -> list[dict[str, float]]:
+def run_epochs(
+    method: CCP, opt: torch.optim.Optimizer, ctx: TrainContext, values: list[float], seed: int = 2
+) -> list[dict[str, float]]:
     gen = torch.Generator().manual_seed(seed)
     logs = []
     for v in values:
@@ -158,7 +160,11 @@ def test_embed_is_unit_ball_projection() -> None:
 
 
 def test_base_params_per_dataset_and_code_default() -> None:
-    assert CCPParams(base_loss="ms").resolved_base_params("cars196")[0] == {"alpha": 14.35, "beta": 75.83, "base": 0.66}
+    assert CCPParams(base_loss="ms").resolved_base_params("cars196")[0] == {
+        "alpha": 14.35,
+        "beta": 75.83,
+        "base": 0.66,
+    }
     assert CCPParams(base_loss="triplet").resolved_base_params("sop")[0] == {"margin": 0.0451}
     code = CCPParams(base_loss="ms", base_params="code_default").resolved_base_params("cars196")
     assert code == ({"alpha": 2.0, "beta": 50.0, "base": 0.5}, "code_default")
@@ -301,7 +307,11 @@ def test_smoke_projection_with_scripted_monitor(base_loss: str, lag: int) -> Non
     labels = torch.arange(3).repeat_interleave(2)
     out = m.loss(Batch([images(labels, gen)], labels, torch.arange(6)))
     out.total.backward()
-    for n, p in [("trunk", next(m.backbone.trunk.parameters())), ("head", m.backbone.head.weight), ("Q", m.proxies)]:
+    for n, p in [
+        ("trunk", next(m.backbone.trunk.parameters())),
+        ("head", m.backbone.head.weight),
+        ("Q", m.proxies),
+    ]:
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
     opt.zero_grad()
 
@@ -437,3 +447,16 @@ def test_extra_state_is_plain() -> None:
     assert set(st) == {"initialised", "lam", "controller"}
     back = _roundtrip(st)
     assert back["controller"]["best"] == -math.inf
+
+
+def test_pool_larger_than_a_class_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    m = make_method(make_cfg())
+    ctx = make_ctx(m, make_opt(m))
+    ctx.train_class_counts = [2, 10, 1, 10]  # type: ignore[attr-defined]  # b = 3 draws per class
+    with caplog.at_level("WARNING", logger="dmlbench.methods.ccp.method"):
+        m.on_train_start(ctx)
+        m._warn_if_pool_reuses_images(ctx)
+    msgs = [r.getMessage() for r in caplog.records if "reuse images" in r.getMessage()]
+    assert (
+        len(msgs) == 1 and "3 draws per class but 2 training classes" in msgs[0] and "smallest: 1" in msgs[0]
+    )

@@ -17,16 +17,33 @@ from dmlbench.cli import app
 from dmlbench.config import TrialConfig
 from dmlbench.engine import train
 
-SETTINGS = ["stage_patience=1", "proxies_per_class=2", "pool_size=3", "iters_per_epoch=10", "lam=1e-2",
-            "progress=false"]
+SETTINGS = [
+    "stage_patience=1",
+    "proxies_per_class=2",
+    "pool_size=3",
+    "iters_per_epoch=10",
+    "lam=1e-2",
+    "progress=false",
+]
 EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ccp") / "full"
-    args = ["train", "--method", "ccp", "--dataset", "digits", "--epochs", str(EPOCHS), "--output", str(out),
-            "--format", "json"]
+    args = [
+        "train",
+        "--method",
+        "ccp",
+        "--dataset",
+        "digits",
+        "--epochs",
+        str(EPOCHS),
+        "--output",
+        str(out),
+        "--format",
+        "json",
+    ]
     for s in SETTINGS:
         args += ["--set", s]
     res = CliRunner().invoke(app, args)

@@ -187,7 +187,7 @@ def triplet_all(d: Tensor, pos: Tensor, neg: Tensor, m: float) -> tuple[Tensor, 
         >>> round(float(loss), 5), int(info["n_active"])
         (0.2, 1)
     """
-    n_rows, n_cols = d.shape
+    n_rows = d.shape[0]
     neg_d = torch.where(neg, d, torch.full_like(d, math.inf))
     sorted_neg, _ = torch.sort(neg_d, dim=1)
     finite = torch.isfinite(sorted_neg)
@@ -338,7 +338,11 @@ def greedy_kcenter(pool: Tensor, seeds: Tensor, k: int, normalized: bool = False
     if normalized:
         x = torch.nn.functional.normalize(x, dim=-1)
         s = torch.nn.functional.normalize(s, dim=-1)
-    m = (torch.cdist(x, s).pow(2)).min(dim=1).values if s.shape[0] else torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
+    m = (
+        (torch.cdist(x, s).pow(2)).min(dim=1).values
+        if s.shape[0]
+        else torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
+    )
     picked = torch.zeros(x.shape[0], dtype=torch.bool)
     out = torch.empty(k, dtype=torch.long)
     for i in range(k):
@@ -374,7 +378,9 @@ def pool_layout(draws: Tensor, per_class: int, pool_size: int) -> Tensor:
     """
     expected = pool_draws(per_class, pool_size)
     if draws.dim() != 3 or draws.shape[0] != expected:
-        raise ValueError(f"expected [{expected}, C, D] draws for P={per_class}, b={pool_size}, got {list(draws.shape)}")
+        raise ValueError(
+            f"expected [{expected}, C, D] draws for P={per_class}, b={pool_size}, got {list(draws.shape)}"
+        )
     return draws.transpose(0, 1)
 
 
@@ -448,7 +454,9 @@ class StageController:
 
     def __init__(self, patience: int, min_epochs: int = 1, min_delta: float = 1e-5, lag: int = 0):
         if patience < 1 or min_epochs < 1 or min_delta < 0 or lag not in (0, 1):
-            raise ValueError("StageController needs patience >= 1, min_epochs >= 1, min_delta >= 0, lag in {0, 1}")
+            raise ValueError(
+                "StageController needs patience >= 1, min_epochs >= 1, min_delta >= 0, lag in {0, 1}"
+            )
         self.patience = patience
         self.min_epochs = min_epochs
         self.min_delta = min_delta

@@ -70,7 +70,9 @@ class CCP(Method):
         backbone.head = head
         self.P = hp.proxies_per_class
         self.pool_size = hp.effective_pool_size
-        self.proxies = nn.Parameter(torch.empty(self.P, num_classes, cfg.embedding_dim, device=head.weight.device))
+        self.proxies = nn.Parameter(
+            torch.empty(self.P, num_classes, cfg.embedding_dim, device=head.weight.device)
+        )
         # He-normal (std sqrt(2 / D)); only used as is with random_init, else overwritten by k-center
         nn.init.normal_(self.proxies, std=math.sqrt(2.0 / cfg.embedding_dim))
         self.base_kwargs, self.base_source = hp.resolved_base_params(cfg.dataset)
@@ -153,7 +155,12 @@ class CCP(Method):
         if embedded:
             return {
                 **clip,
-                "params": {"proxies_per_class": 2, "pool_size": 3, "iters_per_epoch": 10, "stage_patience": 2},
+                "params": {
+                    "proxies_per_class": 2,
+                    "pool_size": 3,
+                    "iters_per_epoch": 10,
+                    "stage_patience": 2,
+                },
             }
         params: dict[str, Any] = (
             {"proxies_per_class": 4, "pool_size": 7, "iters_per_epoch": 250}

@@ -76,7 +76,9 @@ class CCPParams(MethodParams):
         default=None, ge=1, description="candidates per class b (default 12; SOP/In-shop recipe: 7)"
     )
     pool_ratio: float | None = Field(
-        default=None, ge=1.0, description="b = max(1, round(pool_ratio * P)); alternative to pool_size for searches"
+        default=None,
+        ge=1.0,
+        description="b = max(1, round(pool_ratio * P)); alternative to pool_size for searches",
     )
     small_pool: Literal["error", "expand"] = Field(
         default="error",
@@ -87,8 +89,12 @@ class CCPParams(MethodParams):
     lam_decay: float = Field(default=1.0, gt=0, description="λ at the j-th projection = λ0 * decay^(j-1)")
     stage_patience: int = Field(default=3, ge=1, description="rounds without improvement that end a stage")
     stage_min_epochs: int = Field(default=1, ge=1, description="minimum rounds in a stage")
-    stage_min_delta: float = Field(default=1e-5, ge=0, description="improvement threshold of the stage monitor")
-    monitor: str = Field(default="map_at_r", description="validation metric of the stage controller (maximised)")
+    stage_min_delta: float = Field(
+        default=1e-5, ge=0, description="improvement threshold of the stage monitor"
+    )
+    monitor: str = Field(
+        default="map_at_r", description="validation metric of the stage controller (maximised)"
+    )
     monitor_lag: Literal[0, 1] = Field(default=0, description="1: reference code's one-round-late monitor")
     batch_term_weight: float = Field(default=0.1, ge=0, description="weight of the batch-vs-batch term")
     proxy_term_weight: float = Field(default=1.0, ge=0, description="weight of the sample-vs-proxy term")
