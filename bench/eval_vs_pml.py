@@ -46,9 +46,13 @@ def make_data(n: int, dim: int, classes: int, seed: int, distance: str) -> tuple
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % classes).astype(np.int64)
     centres = rng.standard_normal((classes, dim), dtype=np.float32)
-    emb = centres[labels] + 2.0 * rng.standard_normal((n, dim), dtype=np.float32)
+    emb = centres[labels] + 4.0 * rng.standard_normal((n, dim), dtype=np.float32)
     if distance == "euclidean":
-        emb = np.clip(np.rint(emb * 1.5), -7, 7)  # |d|² ≤ 512 · 14² < 2²⁴: exact in float32
+        # integers in [-45, 45]: |q|², |r|², 2 q·r and |q - r|² stay below 2²⁴ for dim ≤ 512, so
+        # every float32 sum is exact; the fine grid keeps exact ties rare, as with real embeddings
+        if dim > 512:
+            raise SystemExit("the exact euclidean case needs --dim <= 512")
+        emb = np.clip(np.rint(emb * 3.5), -45, 45)
     return np.ascontiguousarray(emb, dtype=np.float32), labels
 
 
