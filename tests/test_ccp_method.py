@@ -460,3 +460,9 @@ def test_pool_larger_than_a_class_warns_once(caplog: pytest.LogCaptureFixture) -
     assert (
         len(msgs) == 1 and "3 draws per class but 2 training classes" in msgs[0] and "smallest: 1" in msgs[0]
     )
+
+
+def test_no_validation_fold_is_a_clear_error() -> None:
+    cfg = make_cfg().replace(phase="final", fold=None)
+    with pytest.raises(ConfigError, match="fold=None trains without a validation fold"):
+        make_method(cfg)

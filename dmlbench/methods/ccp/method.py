@@ -56,6 +56,11 @@ class CCP(Method):
         super().__init__(cfg, backbone, num_classes)
         hp: CCPParams = self.hparams  # type: ignore[assignment]
         self.hp = hp
+        if cfg.fold is None:
+            raise ConfigError(
+                "ccp's stages are driven by validation MAP@R, but fold=None trains without a validation fold; "
+                "set fold to 0..num_folds-1 (the paper's final models are the 4 fold models, spec §4.1)."
+            )
         feat_dim = getattr(backbone, "feat_dim", None)
         if not isinstance(feat_dim, int) or not hasattr(backbone, "head"):
             raise ConfigError(
