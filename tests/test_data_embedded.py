@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dmlbench.datasets import DATASETS
 from dmlbench.datasets.splits import make_manifest, trial_split
@@ -70,5 +71,7 @@ def test_dataset_views_and_collate() -> None:
     ds = ImageDataset(t, idx, build_transform(16, train=True, embedded=True), {3: 0}, n_views=2)
     b = collate([ds[i] for i in range(4)])
     assert len(b.views) == 2 and b.images.shape == (4, 3, 16, 16)
-    assert b.labels.tolist() == [0, 0, 0, 0] and 0.0 <= float(b.images.min()) and float(b.images.max()) <= 1.0
+    assert b.labels.tolist() == [0, 0, 0, 0] and b.images.dtype == torch.uint8
+    f = b.to("cpu").images
+    assert f.dtype == torch.float32 and 0.0 <= float(f.min()) and float(f.max()) <= 1.0
     assert not bool((b.views[0] == b.views[1]).all())  # independent augmentations

@@ -1,4 +1,8 @@
-"""Image transforms (uint8 HWC arrays → float CHW tensors in [0, 1]).
+"""Image transforms (uint8 HWC arrays → uint8 CHW tensors).
+
+Transforms stop at uint8: the conversion to float in [0, 1] happens on the training device
+(:meth:`dmlbench.methods.base.Batch.to`), which keeps data-loader workers cheap and host→device
+copies four times smaller.
 
 Normalisation (ImageNet mean/std, or BN-Inception's BGR 0–255 convention) is done by the backbone
 itself (:class:`dmlbench.engine.backbones.InputNorm`), so the same data serves every backbone.
@@ -38,7 +42,7 @@ def build_transform(size: int, train: bool, embedded: bool = False, crop_scale: 
         ops = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     else:
         ops = [v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)]
-    pipeline = v2.Compose([*ops, v2.ToDtype(torch.float32, scale=True)])
+    pipeline = v2.Compose(ops)
 
     def apply(img: np.ndarray) -> torch.Tensor:
         return pipeline(_to_tensor(img))  # type: ignore[no-any-return]

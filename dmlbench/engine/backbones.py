@@ -232,3 +232,7 @@ def known_backbone(name: str) -> bool:
     import timm
 
     return bool(timm.is_model(name))
+
+
+# Backbones defined in their own modules register themselves on import.
+from dmlbench.engine import bninception as _bninception  # noqa: E402,F401

@@ -165,6 +165,11 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
     requested batches can be formed."""
     source = DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
     table = source.table()
+    if not source.embedded:
+        # decoded once per (dataset, size) into a node-local cache shared by every trial
+        from dmlbench.datasets.cache import cached_table
+
+        table = cached_table(table, dataset_id=cfg.dataset, size=cfg.image_size)
     manifest = make_manifest(table, cfg.dataset, cfg.num_folds, cfg.split_seed)
     split = trial_split(table, manifest, cfg.phase, cfg.fold)
     label_map = {c: i for i, c in enumerate(split.train_classes)}
@@ -203,7 +208,7 @@ def embed_indices(
     try:
         for batch in loader:
             with autocast_for(cfg, device):
-                out = method.embed_for_eval(batch.images.to(device, non_blocking=True))
+                out = method.embed_for_eval(batch.to(device).images)
             for k, v in out.items():
                 parts.setdefault(k, []).append(v.float().cpu())
     finally:
@@ -375,7 +380,7 @@ class _Loop:
             out = []
             for batch in loader:
                 with autocast_for(self.cfg, self.device):
-                    out.append(self.method.pool_embed(batch.images.to(self.device)).float())
+                    out.append(self.method.pool_embed(batch.to(self.device).images).float())
             return torch.cat(out)
         finally:
             self.method.train(was)

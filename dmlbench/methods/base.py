@@ -36,6 +36,10 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
+def _as_float_image(x: Tensor) -> Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
 @dataclass
 class Batch:
     """One training batch. ``views[0]`` is the main view; methods with ``n_views = 2`` get two."""
@@ -49,8 +53,9 @@ class Batch:
         return self.views[0]
 
     def to(self, device: torch.device | str) -> Batch:
+        """Move to ``device``; uint8 images become float in [0, 1] there."""
         return Batch(
-            [v.to(device, non_blocking=True) for v in self.views],
+            [_as_float_image(v.to(device, non_blocking=True)) for v in self.views],
             self.labels.to(device, non_blocking=True),
             self.indices,
         )
