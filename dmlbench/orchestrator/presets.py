@@ -19,7 +19,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grace_period": 1,
         "reduction_factor": 2,
         "final_seeds": 2,
-        "folds": 3,  # digits has 6 training classes: 3 folds of 2 classes
+        "folds": 3,
+        "recipe_wins": True,  # digits has 6 training classes: 3 folds of 2 classes
         "cpus_per_trial": 1.0,
         "gpus_per_trial": 0.0,
         "trial_base": {

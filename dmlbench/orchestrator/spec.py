@@ -52,6 +52,11 @@ class SweepSpec(BaseModel):
     data_root: str | None = None
     max_failures: int = Field(default=2, ge=0, description="restarts of a trial whose worker died (or OOM)")
     trial_base: dict[str, Any] = Field(default_factory=dict, description="TrialConfig defaults for every trial")
+    recipe_wins: bool = Field(
+        default=False,
+        description="keys set by the dataset preset or the method's recommendation are not searched "
+        "(smoke: the small-data recipes stay, the rest of the space is searched)",
+    )
 
     @field_validator("methods", "datasets", "backbones")
     @classmethod

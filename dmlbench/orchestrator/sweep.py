@@ -120,9 +120,27 @@ def final_seeds(spec: SweepSpec) -> list[int]:
 
 
 def cell_base(spec: SweepSpec, cell: Cell, phase: str) -> dict[str, Any]:
-    """TrialConfig defaults for every trial of a cell (search: fold 0; final: all train classes)."""
+    """TrialConfig defaults for every trial of a cell (search: fold 0; final: all train classes).
+
+    Layers (later wins): the dataset's preset < the method's recommendation for the dataset <
+    the sweep's ``trial_base`` (preset / explicit) < what the sweep owns (cell, epochs, folds,
+    seeds, phase). Sampled and fixed search-space values come on top, except for the keys
+    ``trial_base`` sets, which are taken out of the space (see :func:`cell_space`).
+    """
+    from dmlbench.datasets import DATASETS
+    from dmlbench.methods import METHODS
+
+    ds_cls = DATASETS.get(cell.dataset)
+    embedded = bool(getattr(ds_cls, "embedded", False))
+    layered: dict[str, Any] = {**dict(getattr(ds_cls, "preset", {}) or {})}
+    rec = dict(METHODS.get(cell.method).recommended(cell.dataset, embedded))
+    params = {**dict(layered.pop("params", {}) or {}), **dict(rec.pop("params", {}) or {})}
+    layered.update(rec)
+    params.update(dict(spec.trial_base.get("params") or {}))
     base: dict[str, Any] = {
-        **spec.trial_base,
+        **layered,
+        **{k: v for k, v in spec.trial_base.items() if k != "params"},
+        "params": params,
         "method": cell.method,
         "dataset": cell.dataset,
         "backbone": cell.backbone,
@@ -381,7 +399,7 @@ def run_cell_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: 
     override = None
     if spec.search_space and load_space_file(spec.search_space).method == cell.method:
         override = spec.search_space
-    space = load_space(cell.method, override)
+    space = cell_space(spec, load_space(cell.method, override), cell)
     base = cell_base(spec, cell, "search")
     name = experiment_name(spec, cell)
     writer = _RowWriter(spec, cell, "search", base, out)
@@ -402,6 +420,22 @@ def run_cell_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: 
 
     _fit(spec, name, make, trainable, writer)
     pick_best(spec, out)
+
+
+def cell_space(spec: SweepSpec, space: Any, cell: Cell | None = None) -> Any:
+    """The cell's space without the trial settings the sweep fixes itself (its ``trial_base``),
+    and, with ``recipe_wins``, without what the dataset preset and the method recommend."""
+    locked = {k for k in spec.trial_base if k != "params"} | set(spec.trial_base.get("params") or {})
+    if spec.recipe_wins and cell is not None:
+        from dmlbench.datasets import DATASETS
+        from dmlbench.methods import METHODS
+
+        ds_cls = DATASETS.get(cell.dataset)
+        preset = dict(getattr(ds_cls, "preset", {}) or {})
+        rec = dict(METHODS.get(cell.method).recommended(cell.dataset, bool(getattr(ds_cls, "embedded", False))))
+        locked |= {k for k in (*preset, *rec) if k != "params"}
+        locked |= set(preset.get("params") or {}) | set(rec.get("params") or {})
+    return space.without(frozenset(locked))
 
 
 def pick_best(spec: SweepSpec, out: CellOutcome) -> None:

@@ -133,6 +133,21 @@ class SearchSpace(_Strict):
             values[p.name] = suggest_one(trial, p)
         return dict(self.fixed)
 
+    def without(self, names: set[str] | frozenset[str]) -> SearchSpace:
+        """This space with ``names`` neither searched nor fixed (set elsewhere, e.g. by a sweep preset).
+
+        Parameters conditioned on a removed parameter are removed too.
+        """
+        kept: list[ParamSpec] = []
+        removed = set(names)
+        for p in self.params:
+            if p.name in removed or (p.condition is not None and p.condition.param in removed):
+                removed.add(p.name)
+                continue
+            kept.append(p)
+        fixed = {k: v for k, v in self.fixed.items() if k not in removed}
+        return self.model_copy(update={"params": tuple(kept), "fixed": fixed})
+
     def define_by_run(self) -> Callable[[Any], dict[str, Any]]:
         """The function to pass as ``OptunaSearch(space=...)``."""
         return self.suggest
