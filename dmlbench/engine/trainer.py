@@ -332,6 +332,7 @@ class _Loop:
         self.ctx = TrainContext(
             cfg=cfg, device=device, optimizer=optimizer, train_loader=self._batches(),
             embed_train_pool=self.embed_train_pool, embed_train_set=self.embed_train_set,
+            train_class_counts=np.bincount(self.train_ds.labels, minlength=len(data.label_map)).tolist(),
         )
         self.progress = _Progress(cfg.progress, cfg.epochs, f"{cfg.method}/{cfg.dataset}")
 

@@ -95,6 +95,7 @@ class TrainContext:
         train_class_ids: the dataset class ids of the training classes, in the column order of
             ``embed_train_pool`` (class index c ↔ label c of the training batches).
         log: a dict hooks may add scalar logs to (merged into the epoch's metrics).
+        train_class_counts: number of training images per class, in label order (0..C-1).
     """
 
     cfg: TrialConfig
@@ -107,6 +108,7 @@ class TrainContext:
     step: int = 0
     val_metrics: dict[str, float] = field(default_factory=dict)
     log: dict[str, float] = field(default_factory=dict)
+    train_class_counts: list[int] | None = None
 
 
 class Method(nn.Module):
