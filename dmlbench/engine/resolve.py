@@ -23,6 +23,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {str(p)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(p)!r} is a folder; pass a YAML file of trial keys.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({reason}); pass a readable YAML text file.") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML ({str(err).splitlines()[0]}).") from None
     if not isinstance(data, dict):
