@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -10,6 +11,7 @@ import typer
 from rich.table import Table
 
 from dmlbench.cli import app, console, datasets_app, friendly, methods_app
+from dmlbench.errors import DmlbenchError
 
 
 @app.command(
@@ -56,16 +58,30 @@ def train(
     if output is not None:
         explicit["output_dir"] = str(output)
     cfg = layered_config(method, dataset, explicit, config, set_ or [])
-    if cfg.output_dir:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "config.yaml").write_text(cfg.to_yaml())
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    created = out_dir is not None and not out_dir.exists()
+    if out_dir is not None:
+        last = out_dir / "checkpoints" / "last.pt"
+        if last.exists():  # refuse a corrupt or foreign checkpoint before touching the folder
+            from dmlbench.engine.trainer import load_checkpoint
+
+            load_checkpoint(last, cfg)
     first: dict[str, float] = {}
 
     def report(epoch: int, metrics: dict[str, float], _ckpt: str | None) -> None:
         if epoch == 0:
             first.update(metrics)
 
-    result = run_train(cfg, report=report)
+    try:
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        result = run_train(cfg, report=report)
+    except DmlbenchError:
+        # a run that failed before its first checkpoint leaves no folder it created behind
+        if created and out_dir is not None and not (out_dir / "checkpoints" / "last.pt").exists():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     payload = {
         "method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone, "phase": cfg.phase,
         "eval_split": result.eval_split, "best_epoch": result.best_epoch, "epochs": result.epochs_run,
