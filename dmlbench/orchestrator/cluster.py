@@ -105,12 +105,20 @@ def storage_root(spec: SweepSpec) -> str:
 
 
 def check_writable(path: Path) -> None:
-    """``--output`` must be creatable and writable (checked before Ray starts)."""
+    """``--output`` must be creatable and writable (checked before Ray starts).
+
+    Folders this check creates are removed again, so a sweep refused later (bad resume, changed
+    spec, dry run) leaves nothing behind; the sweep creates them for real when it starts.
+    """
+    path = path.expanduser().absolute()
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe_file = path / ".dmlbench-write-test"
         probe_file.write_text("ok")
         probe_file.unlink()
+        for p in missing:  # deepest first
+            p.rmdir()
     except OSError as err:
         raise ConfigError(
             f"--output {str(path)!r} is not writable ({err.strerror or err}); choose a folder you can write to."
