@@ -254,6 +254,11 @@ def load_space_file(path: Path | str, method: str | None = None) -> SearchSpace:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
+        if isinstance(err, yaml.constructor.ConstructorError):
+            raise ConfigError(
+                f"search space {p} uses a YAML tag that safe loading refuses{at} (e.g. !!python/...); "
+                "use plain values only."
+            ) from None
         raise ConfigError(f"search space {p} is not valid YAML{at}; fix the syntax.") from None
     return parse_space(data, source=str(p), method=method)
 
