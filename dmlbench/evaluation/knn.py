@@ -102,16 +102,25 @@ def sort_pairs_desc(scores: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _order_ties(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Re-sort (score desc, id asc) only the rows that contain equal adjacent scores."""
+    """Rows already sorted by score (desc): order runs of equal scores by id (asc).
+
+    Only rows with a tie are touched; each gets one sort of the key ``run · (max id + 1) + id``,
+    where ``run`` numbers the runs of equal scores (ids in a row are distinct, so keys are too).
+    """
     if values.shape[1] < 2:
         return values, ids
-    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    new_run = values[:, 1:] != values[:, :-1]
+    tied = ~new_run.all(dim=1)
     if not bool(tied.any()):
         return values, ids
     rows = torch.nonzero(tied).squeeze(1)
-    v, i = sort_pairs_desc(values[rows], ids[rows])
+    run = torch.zeros((len(rows), values.shape[1]), dtype=torch.long, device=values.device)
+    run[:, 1:] = torch.cumsum(new_run[rows], dim=1)
+    sub_ids = ids[rows]
+    order = torch.argsort(run * (int(sub_ids.max()) + 1) + sub_ids, dim=1)
     values, ids = values.clone(), ids.clone()
-    values[rows], ids[rows] = v, i
+    values[rows] = values[rows].gather(1, order)
+    ids[rows] = sub_ids.gather(1, order)
     return values, ids
 
 
