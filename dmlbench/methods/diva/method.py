@@ -275,6 +275,11 @@ class DiVA(Method):
         self.train(True)
 
     @classmethod
+    def check_config(cls, cfg: TrialConfig) -> None:
+        """Cross-field checks against the trial (batch composition, embedding split, schedule)."""
+        check_diva_config(cfg)
+
+    @classmethod
     def recommended(cls, dataset: str, embedded: bool) -> dict[str, Any]:
         """Reference sample-run settings per benchmark (spec §3.1), small-data settings for embedded sets."""
         if embedded:
