@@ -221,9 +221,6 @@ def check_diva_config(cfg: TrialConfig) -> None:
             f"diva supplies its own MultiStepLR (params lr_milestone_frac, lr_gamma) but the trial sets "
             f"schedule={cfg.schedule!r}; set schedule=constant or params.lr_milestone_frac=null."
         )
-    if cfg.grad_clip_norm is not None or cfg.grad_clip_value is not None:
-        # not an error: the reference does not clip, but clipping is the user's choice
-        pass
 
 
 @METHODS.register("diva")
