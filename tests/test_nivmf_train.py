@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 from dmlbench.engine import train
 from dmlbench.engine.resolve import layered_config
 

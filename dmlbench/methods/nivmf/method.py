@@ -8,7 +8,6 @@ Wires the pure functions of :mod:`dmlbench.methods.nivmf.vmf` and
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
