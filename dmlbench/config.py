@@ -49,7 +49,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
                 msg = msg[len("Value error, ") :]
             got = e.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            msgs.append(f"{where} key {loc!r}: {msg.rstrip('.')}{shown}")
+            place = f"{where} key {loc!r}" if e["loc"] else where
+            msgs.append(f"{place}: {msg.rstrip('.')}{shown}")
     return "; ".join(msgs) + "."
 
 
@@ -147,6 +148,9 @@ class TrialConfig(StrictModel):
             raise ValueError("the search phase needs a validation fold (the test split is never read in search)")
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones")
+        from dmlbench.methods import METHODS
+
+        METHODS.get(self.method).check_config(self)
         return self
 
     # ---- construction -------------------------------------------------------------------

@@ -130,6 +130,12 @@ class Method(nn.Module):
         self.num_classes = num_classes
 
     @classmethod
+    def check_config(cls, cfg: TrialConfig) -> None:
+        """Cross-field checks between the trial config and this method's params (batch composition,
+        dimensions). Called when a :class:`TrialConfig` is built; raise ``ConfigError`` with one
+        sentence. Default: nothing to check."""
+
+    @classmethod
     def recommended(cls, dataset: str, embedded: bool) -> dict[str, Any]:
         """Overrides of trial keys (and ``"params"``) this method recommends for a dataset; applied
         by ``dmlbench train``/``sweep`` after the dataset's preset and before the user's values.
