@@ -76,7 +76,7 @@ def main() -> None:
         )
         loader.SPACES_DIR = spaces
         spec = SweepSpec(methods=("bench_sleep",), datasets=("digits",), backbones=("tiny",), trials=args.trials,
-                         epochs=args.epochs, grace_period=args.epochs, final_seeds=0, max_concurrent=1,
+                         epochs=args.epochs, grace_period=args.epochs, final_seeds=0, max_concurrent=1, folds=3,
                          output=str(Path(tmp) / "out"), trial_base={"pretrained": False})  # fmt: skip
 
         t0 = time.perf_counter()

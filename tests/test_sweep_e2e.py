@@ -112,7 +112,7 @@ def spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def make_spec(out: Path, **kw: Any) -> SweepSpec:
     base = dict(methods=("fake_e2e", "fake_e2e_b"), datasets=("digits",), backbones=("tiny",), trials=4, epochs=2,
-                grace_period=1, final_seeds=2, output=str(out), trial_base={"pretrained": False})  # fmt: skip
+                grace_period=1, final_seeds=2, folds=3, output=str(out), trial_base={"pretrained": False})  # fmt: skip
     base.update(kw)
     return SweepSpec(**base)
 

@@ -70,7 +70,7 @@ def driver(out: str, spaces: str) -> None:
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": register, "env_vars": {"RESUME_LOG": os.environ["RESUME_LOG"]}})  # fmt: skip
     spec = SweepSpec(methods=("fake_resume",), datasets=("digits",), backbones=("tiny",), trials=4, epochs=2,
-                     grace_period=2, final_seeds=0, output=out, name="resume", max_concurrent=1)  # fmt: skip
+                     grace_period=2, final_seeds=0, folds=3, output=out, name="resume", max_concurrent=1)  # fmt: skip
     sweep.run(spec, train_fn=slow_train, echo=print)
 
 

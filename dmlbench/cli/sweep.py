@@ -49,7 +49,7 @@ def sweep(
         address=address, storage=storage, data_root=data_root, metric=metric, grace_period=grace_period,
         dashboard_host=dashboard_host,
     )  # fmt: skip
-    sw.run(spec, resume=resume, force=force, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False))
+    sw.run(spec, resume=resume, force=force, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -63,7 +63,7 @@ def submit(
     from dmlbench.orchestrator import jobs
 
     job_id = jobs.submit(address, list(ctx.args))
-    console.print(jobs.follow_hint(address, job_id), highlight=False)
+    console.print(jobs.follow_hint(address, job_id), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -74,4 +74,4 @@ def status(
     """Trials done / running / pending per cell of each sweep, and an ETA."""
     from dmlbench.orchestrator.status import format_status, sweep_status
 
-    console.print(format_status(sweep_status(results)), highlight=False)
+    console.print(format_status(sweep_status(results)), highlight=False, soft_wrap=True)

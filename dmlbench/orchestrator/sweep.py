@@ -67,6 +67,8 @@ def validate(spec: SweepSpec) -> None:
             )
     for m in spec.methods:
         load_space(m, spec.search_space if m == override_method else None)
+    for cell in spec.cells():
+        preflight_space(spec, cell, spec.search_space if cell.method == override_method else None)
     problems = []
     for d in spec.datasets:
         ds_cls = DATASETS.get(d)
@@ -86,6 +88,36 @@ def validate(spec: SweepSpec) -> None:
             "datasets not usable: " + "; ".join(problems) + "; set --data-root or $DMLBENCH_DATA (see docs/datasets.md)."
         )
     cluster.check_writable(Path(spec.output))
+
+
+def preflight_space(spec: SweepSpec, cell: Cell, override: str | None, draws: int = 8) -> None:
+    """Sample a few points of the cell's space (seeded random) and build their TrialConfigs, so a
+    space that clashes with the cell's settings fails here, before Ray starts, not in every trial."""
+    import optuna
+
+    from dmlbench.search_spaces.loader import build_trial_config, load_space
+
+    space = cell_space(spec, load_space(cell.method, override), cell)
+    base = cell_base(spec, cell, "search")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=cell_seed(spec, cell)), direction="maximize")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    for _ in range(draws):
+        trial = study.ask()
+        fixed = space.suggest(trial)
+        try:
+            build_trial_config(base, {**trial.params, **fixed})
+        except ConfigError as err:
+            shown = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
+            raise ConfigError(
+                f"the search space of {cell.method} gives invalid trials on {cell.dataset}/{cell.backbone} "
+                f"(e.g. {shown or 'its fixed values'}): {str(err).rstrip('.')}; fix {space.source} or the method's "
+                "recommended settings."
+            ) from None
+        study.tell(trial, 0.0)
 
 
 def _check_backbones(names: tuple[str, ...]) -> None:
@@ -469,6 +501,14 @@ def run(
     if dry_run:
         echo("dry run: nothing started.")
         return []
+    import optuna
+
+    # Tune's legacy reporter honours verbose=0 (the new one prints boxes per experiment); Optuna's
+    # per-study INFO lines are noise here. Both are restored on the way out.
+    old_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = cluster.connect(spec, num_cpus=num_cpus)
     try:
         cluster.check_resources(spec, cluster.node_capacity())
@@ -493,6 +533,11 @@ def run(
         echo(f"done in {time.time() - t0:.0f} s; rows in {sweep_dir(spec) / store.ROWS_DIR}, leaderboard {lb}")
         return outcomes
     finally:
+        optuna.logging.set_verbosity(verbosity)
+        if old_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
         if started:
             import ray
 
