@@ -157,7 +157,7 @@ class Nivmf(Method):
                 "params": {**_RECIPE_PARAMS_COMMON, **recipe["params"]}}
 
     @classmethod
-    def check_trial_config(cls, cfg: TrialConfig) -> None:
+    def check_config(cls, cfg: TrialConfig) -> None:
         """Config-time checks that need trial fields (embedding_dim); raises ConfigError."""
         resolve_log_cp_mode(str(cfg.params.get("log_cp", "auto")), cfg.embedding_dim)
 
