@@ -207,6 +207,34 @@ def merge_topk(
     return _order_ties(top, top_ids)
 
 
+def topk_above(scores: Tensor, threshold: Tensor, k: int, offset: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` per row among the scores strictly above the row's ``threshold``.
+
+    Used with the k-th score of a running top-k whose ids are all lower than this block's: a
+    score that does not beat it can never enter (an equal score loses on the id), so only the
+    survivors need sorting. Rows with fewer survivors are padded with ``(-inf, pad_id)``. When
+    more than a quarter of the block survives, it is a plain :func:`topk_desc`.
+
+    Example:
+        >>> v, i = topk_above(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), torch.tensor([0.6]), 3, 10, -1)
+        >>> v.tolist(), i.tolist()
+        ([[0.9, 0.7]], [[11, 13]])
+    """
+    mask = scores > threshold[:, None]
+    counts = mask.sum(dim=1)
+    cap = int(counts.max()) if counts.numel() else 0
+    if cap * 4 > scores.shape[1]:
+        return topk_desc(scores, k, offset)
+    rows, cols = torch.nonzero(mask, as_tuple=True)  # lexicographic: grouped by row
+    start = torch.cumsum(counts, dim=0) - counts
+    pos = torch.arange(len(rows), device=scores.device) - start[rows]
+    values = torch.full((scores.shape[0], cap), float("-inf"), dtype=scores.dtype, device=scores.device)
+    ids = torch.full((scores.shape[0], cap), pad_id, dtype=torch.long, device=scores.device)
+    values[rows, pos] = scores[rows, cols]
+    ids[rows, pos] = cols + offset
+    return merge_topk(None, (values, ids), min(k, cap))
+
+
 # --------------------------------------------------------------------------------------------
 # similarities
 # --------------------------------------------------------------------------------------------
@@ -253,6 +281,11 @@ def _torch_self_symmetric(x: Tensor, k: int, distance: str, chunk_size: int) -> 
     into a running ``[N, k]`` top-k.
     """
     n = x.shape[0]
+    if k == 0:
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            yield KnnChunk(s, e, x.new_empty((e - s, 0)), torch.empty((e - s, 0), dtype=torch.long, device=x.device))
+        return
     sq = (x * x).sum(1) if distance == "euclidean" else None
     # running top-k of candidates from earlier strips; placeholders score -inf with id n
     pend_v = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)
@@ -262,10 +295,11 @@ def _torch_self_symmetric(x: Tensor, k: int, distance: str, chunk_size: int) -> 
         block = similarity_block(x[s:e], x[s:], distance, None if sq is None else sq[s:e],
                                  None if sq is None else sq[s:])
         block[:, : e - s].fill_diagonal_(float("-inf"))
-        rows = topk_desc(block, min(k, n - s - 1), offset=s)
+        # every pending id is lower than this strip's, so only scores above the k-th count
+        rows = topk_above(block, pend_v[s:e, k - 1], min(k, n - s - 1), s, n)
         best_v, best_i = merge_topk((pend_v[s:e], pend_i[s:e]), rows, k)
         if e < n:
-            cv, ci = topk_desc(block[:, e - s:].T, min(k, e - s), offset=s)
+            cv, ci = topk_above(block[:, e - s:].T, pend_v[e:, k - 1], min(k, e - s), s, n)
             step = max(chunk_size, _MERGE_ROWS)  # merge in slices: transient memory O(step × k)
             for t in range(e, n, step):
                 u = min(t + step, n)
