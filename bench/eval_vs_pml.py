@@ -68,7 +68,6 @@ def peak_mib() -> float:
 def worker(side: str, folder: Path, distance: str, chunk: int) -> dict[str, object]:
     """One side, in a fresh process: load the arrays, run, report time and memory."""
     import torch
-
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     from dmlbench.evaluation import evaluate_embeddings

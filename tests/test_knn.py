@@ -73,7 +73,7 @@ def test_topk_desc_matches_stable_sort_on_many_ties() -> None:
 
 
 def test_sort_pairs_and_merge() -> None:
-    s, i = sort_pairs_desc(torch.tensor([[0.5, 0.9, 0.5, 0.5]]), torch.tensor([[7, 3, 2, 9]]))
+    _, i = sort_pairs_desc(torch.tensor([[0.5, 0.9, 0.5, 0.5]]), torch.tensor([[7, 3, 2, 9]]))
     assert i.tolist() == [[3, 2, 7, 9]]
     a = (torch.tensor([[0.9, 0.1]]), torch.tensor([[4, 0]]))
     b = (torch.tensor([[0.9, 0.5]]), torch.tensor([[1, 9]]))

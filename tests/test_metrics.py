@@ -265,7 +265,7 @@ def test_nmi_and_f1_against_sklearn(seed: int) -> None:
     labels = rng.integers(0, 7, 400)
     clusters = np.where(rng.random(400) < 0.6, labels, rng.integers(0, 7, 400))
     assert nmi(labels, clusters) == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-12)
-    (tn, fp), (fn, tp) = pair_confusion_matrix(labels, clusters)  # ordered pairs (twice each)
+    (_tn, fp), (fn, tp) = pair_confusion_matrix(labels, clusters)  # ordered pairs (twice each)
     want_f1 = 2 * tp / (2 * tp + fp + fn)
     assert pair_f1(labels, clusters) == pytest.approx(want_f1, abs=1e-12)
 

@@ -91,9 +91,9 @@ def sort_pairs_desc(scores: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         ``(scores, ids)`` reordered per row.
 
     Example:
-        >>> s, i = sort_pairs_desc(torch.tensor([[0.5, 0.9, 0.5]]), torch.tensor([[7, 3, 2]]))
+        >>> s, i = sort_pairs_desc(torch.tensor([[0.5, 0.75, 0.5]]), torch.tensor([[7, 3, 2]]))
         >>> s.tolist(), i.tolist()
-        ([[0.9, 0.5, 0.5]], [[3, 2, 7]])
+        ([[0.75, 0.5, 0.5]], [[3, 2, 7]])
     """
     by_id = torch.argsort(ids, dim=1, stable=True)
     scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
@@ -213,12 +213,14 @@ def topk_above(scores: Tensor, threshold: Tensor, k: int, offset: int, pad_id: i
     Used with the k-th score of a running top-k whose ids are all lower than this block's: a
     score that does not beat it can never enter (an equal score loses on the id), so only the
     survivors need sorting. Rows with fewer survivors are padded with ``(-inf, pad_id)``. When
-    more than a quarter of the block survives, it is a plain :func:`topk_desc`.
+    more than a quarter of the block survives, it is a plain :func:`topk_desc` (which may also
+    return scores at or below the threshold; merging drops them).
 
     Example:
-        >>> v, i = topk_above(torch.tensor([[0.1, 0.9, 0.5, 0.7]]), torch.tensor([0.6]), 3, 10, -1)
+        >>> scores = torch.tensor([[0.125, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0]])
+        >>> v, i = topk_above(scores, torch.tensor([0.6]), 3, 10, -1)
         >>> v.tolist(), i.tolist()
-        ([[0.9, 0.7]], [[11, 13]])
+        ([[0.75]], [[11]])
     """
     mask = scores > threshold[:, None]
     counts = mask.sum(dim=1)
@@ -335,7 +337,7 @@ def _faiss() -> Any | None:
     """The faiss module, or None (with one warning per process) when it cannot be imported."""
     try:
         import faiss  # type: ignore[import-not-found]
-    except Exception as err:  # ImportError, or a broken binary (missing CUDA runtime, ...)
+    except Exception as err:  # noqa: BLE001 -- ImportError, or a broken binary (missing CUDA runtime)
         warnings.warn(
             f"faiss cannot be imported ({err}); using torch for k-NN search instead.",
             RuntimeWarning,
