@@ -109,16 +109,26 @@ def test_bad_options_one_line_exit_2(captured: list[dict[str, Any]], args: list[
 
 
 def test_validate_rejects_missing_search_space_and_unwritable_output(tmp_path: Path) -> None:
-    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), output=str(tmp_path / "o"),
+    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), output=str(tmp_path / "o"), folds=3,
                      search_space=str(tmp_path / "none.yaml"))  # fmt: skip
     with pytest.raises(ConfigError, match="does not exist"):
         sweep.validate(spec)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), output=str(blocker / "sub"))
+    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), output=str(blocker / "sub"), folds=3)
     with pytest.raises(ConfigError, match="is not writable"):
         sweep.validate(spec)
-    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), backbones=("resnet5000",), output=str(tmp_path))
+    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), backbones=("resnet5000",), output=str(tmp_path),
+                     folds=3)  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet5000'"):
+        sweep.validate(spec)
+    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), output=str(tmp_path), folds=4)
+    with pytest.raises(ConfigError, match="digits has 6 training classes, too few for 4 validation folds"):
+        sweep.validate(spec)
+    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), output=str(tmp_path), folds=3)
+    sweep.validate(spec)  # a good spec passes
+    spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), backbones=("resnet5000",), output=str(tmp_path),
+                     folds=3)  # fmt: skip
     with pytest.raises(ConfigError, match="unknown backbone 'resnet5000'"):
         sweep.validate(spec)
 

@@ -42,7 +42,7 @@ def node_train(cfg: Any, report: Any) -> Any:
         fh.write(node + "\n")
     ck = Path(cfg.output_dir) / "checkpoints"
     for epoch in range(1, cfg.epochs + 1):
-        time.sleep(1.0)
+        time.sleep(3.0)
         ck.mkdir(parents=True, exist_ok=True)
         (ck / "last.pt").write_text(f"{epoch} {node}")
         report(epoch, {"map_at_r": float(cfg.params["quality"])}, str(ck))

@@ -202,7 +202,7 @@ def test_method_mismatch_and_missing_files(tmp_path: Path) -> None:
 
 def test_yaml_tags_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "method: !!python/object/apply:os.system [echo hi]\nparams: []\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="YAML tag that safe loading refuses"):
         loader.load_space_file(path)
 
 

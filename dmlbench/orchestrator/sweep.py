@@ -381,6 +381,9 @@ def _run_config(spec: SweepSpec, name: str, callbacks: list[Any]) -> Any:
         storage_path=cluster.storage_root(spec),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # the experiment state (trial statuses, searcher) reaches the storage path within ~2 s:
+        # a killed driver then restores finished trials as finished (Ray's default syncs every 300 s)
+        sync_config=tune.SyncConfig(sync_period=2),
         callbacks=callbacks,
         verbose=0,
     )
@@ -484,6 +487,13 @@ def pick_best(spec: SweepSpec, out: CellOutcome) -> None:
             out.best_params = json.loads(row[schema.PARAMS_JSON] or "{}")
 
 
+#: Tune settings for a sweep driver: the legacy reporter (honours verbose=0), and the experiment
+#: state saved at least every second (default: every ~10 s or more), so a driver killed right after
+#: a trial finished does not restore that trial as unfinished (it would re-enter from its last
+#: checkpoint). ``TUNE_GLOBAL_CHECKPOINT_S`` set by the user wins.
+_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
 def run(
     spec: SweepSpec,
     *,
@@ -505,8 +515,8 @@ def run(
 
     # Tune's legacy reporter honours verbose=0 (the new one prints boxes per experiment); Optuna's
     # per-study INFO lines are noise here. Both are restored on the way out.
-    old_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    old_env = {k: os.environ.get(k) for k in _TUNE_ENV}
+    os.environ.update({k: v for k, v in _TUNE_ENV.items() if k not in os.environ or k == "RAY_AIR_NEW_OUTPUT"})
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = cluster.connect(spec, num_cpus=num_cpus)
@@ -534,10 +544,11 @@ def run(
         return outcomes
     finally:
         optuna.logging.set_verbosity(verbosity)
-        if old_output is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = old_output
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         if started:
             import ray
 
