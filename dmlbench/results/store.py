@@ -60,9 +60,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_table_atomic(table: pa.Table, dest: Path) -> Path:
-    """Write ``table`` to ``dest`` via a temp file in the same folder + fsync + ``os.replace``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    """Write ``table`` to ``dest`` via a temp file in the same folder + fsync + ``os.replace``.
+
+    Raises:
+        DmlbenchError: the folder cannot be created or written (disk full, permissions, a file in
+            the way); nothing is left at ``dest`` and files already written are untouched.
+    """
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as err:
+        raise _write_error(dest, err) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -70,11 +78,21 @@ def write_table_atomic(table: pa.Table, dest: Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(dest, err) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(dest.parent)
     return dest
+
+
+def _write_error(dest: Path, err: OSError) -> DmlbenchError:
+    return DmlbenchError(
+        f"cannot write {str(dest)!r} ({err.strerror or type(err).__name__}); free disk space or make "
+        f"{str(dest.parent)!r} a writable folder, then rerun the same command (rows already written are kept)."
+    )
 
 
 def write_row(rows_dir: Path, row: dict[str, Any]) -> Path:
