@@ -124,7 +124,7 @@ def _order_ties(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     return values, ids
 
 
-def topk_desc(scores: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+def topk_desc(scores: Tensor, k: int, offset: int = 0, order_ties: bool = True) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` of each row: highest score first, equal scores by lower column first.
 
     ``torch.topk`` leaves the order of equal values unspecified; this asks it for ``k + 1``
@@ -136,6 +136,8 @@ def topk_desc(scores: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
         scores: ``[B, m]`` scores (NaN-free).
         k: how many to keep, ``0 <= k <= m``.
         offset: added to the returned column indices (the block's first reference position).
+        order_ties: order equal scores inside the kept ``k`` by column. Without it the kept set
+            is still exact and the values sorted, which is all a running top-k needs.
 
     Returns:
         ``(values, indices)``, both ``[B, k]``; indices are int64 columns plus ``offset``.
@@ -168,16 +170,18 @@ def topk_desc(scores: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
             pos = above[r_local] + rank[r_local, cols] - 1
             indices[rows[r_local], pos] = cols
             # slots before `above` keep topk's items (all > vk); tied slots now hold the lowest columns
-    values, indices = _order_ties(values, indices)
+    if order_ties:
+        values, indices = _order_ties(values, indices)
     return values, indices + offset
 
 
 def merge_topk(
-    a: tuple[Tensor, Tensor] | None, b: tuple[Tensor, Tensor], k: int
+    a: tuple[Tensor, Tensor] | None, b: tuple[Tensor, Tensor], k: int, order_ties: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Merge two candidate lists (scores, ids) per row and keep the best ``k``, exactly.
 
-    Same order as :func:`topk_desc` (score desc, id asc); the ids of one row must be distinct.
+    Same order as :func:`topk_desc` (score desc, id asc; ``order_ties=False`` leaves runs of
+    equal scores unordered but the kept set exact); the ids of one row must be distinct.
 
     Example:
         >>> a = (torch.tensor([[0.9, 0.1]]), torch.tensor([[4, 0]]))
@@ -204,17 +208,19 @@ def merge_topk(
             top, top_ids = top.clone(), top_ids.clone()
             top[rows, :k], top_ids[rows, :k] = fs[:, :k], fi[:, :k]
         top, top_ids = top[:, :k], top_ids[:, :k]
-    return _order_ties(top, top_ids)
+    return _order_ties(top, top_ids) if order_ties else (top, top_ids)
 
 
-def topk_above(scores: Tensor, threshold: Tensor, k: int, offset: int, pad_id: int) -> tuple[Tensor, Tensor]:
+def topk_above(
+    scores: Tensor, threshold: Tensor, k: int, offset: int, pad_id: int, order_ties: bool = True
+) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` per row among the scores strictly above the row's ``threshold``.
 
     Used with the k-th score of a running top-k whose ids are all lower than this block's: a
     score that does not beat it can never enter (an equal score loses on the id), so only the
     survivors need sorting. Rows with fewer survivors are padded with ``(-inf, pad_id)``. When
-    more than a quarter of the block survives, it is a plain :func:`topk_desc` (which may also
-    return scores at or below the threshold; merging drops them).
+    a threshold is infinite or more than a quarter of the block survives, it is a plain
+    :func:`topk_desc` (which may also return scores at or below the threshold; merging drops them).
 
     Example:
         >>> scores = torch.tensor([[0.125, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0]])
@@ -222,19 +228,20 @@ def topk_above(scores: Tensor, threshold: Tensor, k: int, offset: int, pad_id: i
         >>> v.tolist(), i.tolist()
         ([[0.75]], [[11]])
     """
-    mask = scores > threshold[:, None]
-    counts = mask.sum(dim=1)
-    cap = int(counts.max()) if counts.numel() else 0
-    if cap * 4 > scores.shape[1]:
-        return topk_desc(scores, k, offset)
-    rows, cols = torch.nonzero(mask, as_tuple=True)  # lexicographic: grouped by row
+    if scores.numel() == 0 or bool(torch.isinf(threshold).any()):  # a running top-k not full yet
+        return topk_desc(scores, k, offset, order_ties)
+    rows, cols = torch.nonzero(scores > threshold[:, None], as_tuple=True)  # grouped by row
+    if len(rows) * 4 > scores.numel():
+        return topk_desc(scores, k, offset, order_ties)
+    counts = torch.bincount(rows, minlength=scores.shape[0])  # (a bool row-sum is slow on CPU)
+    cap = int(counts.max())
     start = torch.cumsum(counts, dim=0) - counts
     pos = torch.arange(len(rows), device=scores.device) - start[rows]
     values = torch.full((scores.shape[0], cap), float("-inf"), dtype=scores.dtype, device=scores.device)
     ids = torch.full((scores.shape[0], cap), pad_id, dtype=torch.long, device=scores.device)
     values[rows, pos] = scores[rows, cols]
     ids[rows, pos] = cols + offset
-    return merge_topk(None, (values, ids), min(k, cap))
+    return merge_topk(None, (values, ids), min(k, cap), order_ties)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,15 +305,16 @@ def _torch_self_symmetric(x: Tensor, k: int, distance: str, chunk_size: int) -> 
                                  None if sq is None else sq[s:])
         block[:, : e - s].fill_diagonal_(float("-inf"))
         # every pending id is lower than this strip's, so only scores above the k-th count
-        rows = topk_above(block, pend_v[s:e, k - 1], min(k, n - s - 1), s, n)
+        # (runs of equal scores are ordered by id once, at the end: sets and values suffice before)
+        rows = topk_above(block, pend_v[s:e, k - 1], min(k, n - s - 1), s, n, order_ties=False)
         best_v, best_i = merge_topk((pend_v[s:e], pend_i[s:e]), rows, k)
         if e < n:
-            cv, ci = topk_above(block[:, e - s:].T, pend_v[e:, k - 1], min(k, e - s), s, n)
+            cv, ci = topk_above(block[:, e - s:].T, pend_v[e:, k - 1], min(k, e - s), s, n, order_ties=False)
             step = max(chunk_size, _MERGE_ROWS)  # merge in slices: transient memory O(step × k)
             for t in range(e, n, step):
                 u = min(t + step, n)
                 pend_v[t:u], pend_i[t:u] = merge_topk(
-                    (pend_v[t:u], pend_i[t:u]), (cv[t - e:u - e], ci[t - e:u - e]), k
+                    (pend_v[t:u], pend_i[t:u]), (cv[t - e:u - e], ci[t - e:u - e]), k, order_ties=False
                 )
         del block
         yield KnnChunk(s, e, best_v, best_i)
