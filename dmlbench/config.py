@@ -165,7 +165,11 @@ class TrialConfig(StrictModel):
 
     @classmethod
     def from_yaml(cls, text: str) -> TrialConfig:
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"a trial config YAML cannot be read safely ({first}); fix it or remove Python tags.") from None
         if not isinstance(data, dict):
             raise ConfigError("a trial config YAML must be a mapping of keys to values.")
         return cls.from_dict(data)

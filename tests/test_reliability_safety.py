@@ -137,18 +137,12 @@ def test_search_space_with_python_tag_is_one_sentence(tmp_path: Path) -> None:
     assert not (tmp_path / "PWNED").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=yaml.YAMLError,
-    reason="TrialConfig.from_yaml (dmlbench/config.py) calls yaml.safe_load without catching yaml.YAMLError, so "
-    "a tagged or malformed YAML gives a multi-line yaml.ConstructorError instead of one ConfigError sentence "
-    "(safe: nothing runs); config.py has uncommitted edits by its owner, so the fix is left to them",
-)
 def test_trial_config_from_yaml_with_python_tag_is_a_config_error(tmp_path: Path) -> None:
     from dmlbench.config import TrialConfig
 
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="cannot be read safely") as info:
         TrialConfig.from_yaml(TAGGED.format(marker=tmp_path / "PWNED"))
+    assert "\n" not in str(info.value)
     assert not (tmp_path / "PWNED").exists()
 
 
