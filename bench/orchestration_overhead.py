@@ -18,23 +18,23 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from pydantic import BaseModel
+from dmlbench.methods.base import Method, MethodParams
 
 
-class SleepParams(BaseModel):
-    model_config = {"extra": "forbid", "frozen": True}
+class SleepParams(MethodParams):
     x: float = 0.5
 
 
+class SleepMethod(Method):
+    name = "bench_sleep"
+    Params = SleepParams
+
+
 def register() -> None:
-    from dmlbench.methods.base import METHODS, Method
+    """Register the sleeping method (also run in every Ray worker as its setup hook)."""
+    from dmlbench.methods.base import METHODS
 
     if "bench_sleep" not in METHODS:
-
-        class SleepMethod(Method):
-            name = "bench_sleep"
-            Params = SleepParams
-
         METHODS.register("bench_sleep")(SleepMethod)
 
 
@@ -87,6 +87,12 @@ def main() -> None:
         sweep.run(spec, train_fn=sleep_train, echo=lambda s: None)
         t_sweep = time.perf_counter() - t1
         ray.shutdown()
+        from dmlbench.results import schema, store
+
+        rows, _ = store.read_rows(Path(tmp) / "out")
+        statuses = rows[schema.STATUS].value_counts().to_dict()
+        if statuses.get("complete", 0) != args.trials:
+            raise SystemExit(f"benchmark invalid: trial statuses {statuses} (expected {args.trials} complete)")
 
     t2 = time.perf_counter()
     for _ in range(args.trials):
