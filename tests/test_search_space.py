@@ -138,24 +138,32 @@ BAD_CASES = {
         r"needs both 'low' and 'high'",
     ),
     "condition_forward_ref": (
-        "method: dummy_ss\nparams:\n  - {name: margin, type: float, low: 0.1, high: 0.5, "
-        "condition: {param: base_loss, in: [c1]}}\n"
-        "  - {name: base_loss, type: categorical, choices: [c1, c2]}\n",
+        (
+            "method: dummy_ss\nparams:\n  - {name: margin, type: float, low: 0.1, high: 0.5, "
+            "condition: {param: base_loss, in: [c1]}}\n"
+            "  - {name: base_loss, type: categorical, choices: [c1, c2]}\n"
+        ),
         r"condition on 'base_loss', which is not a parameter listed before it",
     ),
     "condition_value_not_a_choice": (
-        "method: dummy_ss\nparams:\n  - {name: base_loss, type: categorical, choices: [c1, c2]}\n"
-        "  - {name: margin, type: float, low: 0.1, high: 0.5, condition: {param: base_loss, in: [c3]}}\n",
+        (
+            "method: dummy_ss\nparams:\n  - {name: base_loss, type: categorical, choices: [c1, c2]}\n"
+            "  - {name: margin, type: float, low: 0.1, high: 0.5, condition: {param: base_loss, in: [c3]}}\n"
+        ),
         r"condition value 'c3' that is not among the choices of 'base_loss'",
     ),
     "condition_both": (
-        "method: dummy_ss\nparams:\n  - {name: base_loss, type: categorical, choices: [c1, c2]}\n"
-        "  - {name: margin, type: float, low: 0.1, high: 0.5, condition: {param: base_loss, in: [c1], equals: c1}}\n",
+        (
+            "method: dummy_ss\nparams:\n  - {name: base_loss, type: categorical, choices: [c1, c2]}\n"
+            "  - {name: margin, type: float, low: 0.1, high: 0.5, condition: {param: base_loss, in: [c1], equals: c1}}\n"
+        ),
         r"exactly one of 'in",
     ),
     "duplicate": (
-        "method: dummy_ss\nparams:\n  - {name: lam, type: float, low: 0.1, high: 1}\n"
-        "  - {name: lam, type: float, low: 0.1, high: 1}\n",
+        (
+            "method: dummy_ss\nparams:\n  - {name: lam, type: float, low: 0.1, high: 1}\n"
+            "  - {name: lam, type: float, low: 0.1, high: 1}\n"
+        ),
         r"'lam' is listed twice",
     ),
     "searched_and_fixed": (

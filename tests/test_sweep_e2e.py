@@ -18,12 +18,12 @@ pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
 
-from dmlbench.config import TrialConfig  # noqa: E402
-from dmlbench.errors import Diverged  # noqa: E402
-from dmlbench.methods.base import METHODS, Method, MethodParams  # noqa: E402
-from dmlbench.orchestrator import sweep  # noqa: E402
-from dmlbench.orchestrator.spec import SweepSpec  # noqa: E402
-from dmlbench.results import schema, store  # noqa: E402
+from dmlbench.config import TrialConfig
+from dmlbench.errors import Diverged
+from dmlbench.methods.base import METHODS, Method, MethodParams
+from dmlbench.orchestrator import sweep
+from dmlbench.orchestrator.spec import SweepSpec
+from dmlbench.results import schema, store
 
 
 class FakeParams(MethodParams):
@@ -111,8 +111,11 @@ def spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def make_spec(out: Path, **kw: Any) -> SweepSpec:
-    base = dict(methods=("fake_e2e", "fake_e2e_b"), datasets=("digits",), backbones=("tiny",), trials=4, epochs=2,
-                grace_period=1, final_seeds=2, folds=3, output=str(out), trial_base={"pretrained": False})  # fmt: skip
+    base: dict[str, Any] = {
+        "methods": ("fake_e2e", "fake_e2e_b"), "datasets": ("digits",), "backbones": ("tiny",), "trials": 4,
+        "epochs": 2, "grace_period": 1, "final_seeds": 2, "folds": 3, "output": str(out),
+        "trial_base": {"pretrained": False},
+    }  # fmt: skip
     base.update(kw)
     return SweepSpec(**base)
 

@@ -100,7 +100,7 @@ def storage_root(spec: SweepSpec) -> str:
     if spec.storage:
         if "://" in spec.storage:
             return spec.storage.rstrip("/") + f"/{spec.sweep_id}/tune"
-        return str((Path(spec.storage).expanduser().resolve() / spec.sweep_id / "tune"))
+        return str(Path(spec.storage).expanduser().resolve() / spec.sweep_id / "tune")
     return str(Path(spec.output).expanduser().resolve() / spec.sweep_id / "tune")
 
 

@@ -50,7 +50,7 @@ class SweepSpec(BaseModel):
     dashboard_host: str = "127.0.0.1"
     preset: Literal["smoke"] | None = None
     data_root: str | None = None
-    max_failures: int = Field(default=2, ge=0, description="restarts of a trial whose worker died (or OOM)")
+    max_failures: int = Field(default=1, ge=0, description="restarts of a trial whose worker died or hit OOM")
     trial_base: dict[str, Any] = Field(default_factory=dict, description="TrialConfig defaults for every trial")
     recipe_wins: bool = Field(
         default=False,

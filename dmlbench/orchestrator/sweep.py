@@ -220,8 +220,12 @@ def plan(spec: SweepSpec) -> Plan:
 
 
 def format_plan(spec: SweepSpec, p: Plan) -> str:
-    lines = [f"sweep {spec.sweep_id}: {len(p.cells)} cell(s), {spec.trials} search trial(s) + "
-             f"{spec.final_seeds} final seed(s) each, up to {spec.epochs} epoch(s) per trial"]  # fmt: skip
+    lines = [
+        (
+            f"sweep {spec.sweep_id}: {len(p.cells)} cell(s), {spec.trials} search trial(s) + "
+            f"{spec.final_seeds} final seed(s) each, up to {spec.epochs} epoch(s) per trial"
+        )
+    ]
     for c in p.cells:
         lines.append(f"  {c.key:<40} {p.trials_per_cell} trials + {p.final_per_cell} final")
     lines.append(f"total: {p.total_trials()} trials, at most {p.max_trial_epochs} trial-epochs (ASHA prunes some)")

@@ -155,7 +155,7 @@ def run_trial(
     except Diverged as err:
         final("diverged", str(err))
         return
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         if is_oom(err):
             raise  # FailureConfig retries from the last checkpoint, then the trial errors
         tb = traceback.format_exception_only(type(err), err)[-1].strip()
