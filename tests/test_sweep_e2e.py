@@ -154,6 +154,15 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: None, spaces: Path
     for _, r in search[search[schema.STATUS] == "pruned"].iterrows():
         assert r[schema.EPOCHS] < 2
     assert (out / store.LEADERBOARD).exists()
+    # dmlbench status: everything done, nothing running or pending, ETA 0
+    from dmlbench.orchestrator.status import eta_seconds, format_status, sweep_status
+
+    st = sweep_status(out)
+    assert {(c.cell, c.phase): (c.done, c.running, c.pending) for c in st} == {
+        (f"{m}/digits/tiny", ph): (n, 0, 0) for m in ("fake_e2e", "fake_e2e_b") for ph, n in (("search", 4), ("final", 2))
+    }
+    assert eta_seconds(st) == 0.0
+    assert "12/12 trials done" in format_status(st)
     assert any("fake_e2e/digits/tiny" in x for x in lines)
 
     # rerun the same command: nothing reruns, no duplicate rows, same row ids
