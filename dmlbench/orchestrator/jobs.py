@@ -28,10 +28,12 @@ def build_job(args: list[str]) -> dict[str, Any]:
         raise ConfigError("submit runs a sweep: use `dmlbench submit --address http://HEAD:8265 -- sweep --methods ...`.")
     if any(a == "--address" or a.startswith("--address=") for a in args):
         raise ConfigError("do not pass --address after `--`: inside a Ray Job the sweep joins the job's cluster itself.")
-    return {
-        "entrypoint": "python -m dmlbench.cli " + shlex.join(args),
-        "runtime_env": {"working_dir": str(package_root()), "excludes": list(EXCLUDES)},
-    }
+    root = package_root()
+    if (root / "pyproject.toml").exists():  # a source checkout: upload it as the working dir
+        env: dict[str, Any] = {"working_dir": str(root), "excludes": list(EXCLUDES)}
+    else:  # an installed package: upload only the package (never the whole site-packages)
+        env = {"py_modules": [str(root / "dmlbench")], "excludes": list(EXCLUDES)}
+    return {"entrypoint": "python -m dmlbench.cli " + shlex.join(args), "runtime_env": env}
 
 
 def submit(address: str, args: list[str]) -> str:
