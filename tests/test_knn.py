@@ -84,12 +84,13 @@ def test_sort_pairs_and_merge() -> None:
 # ---------------------------------------------------------------------------- against brute force
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", ["torch", "symmetric", "faiss"])
 @pytest.mark.parametrize("chunk_size", [3, 7, 64, 1000])
 def test_self_knn_with_exact_ties_matches_brute_force(backend: str, chunk_size: int) -> None:
     x = integer_data(120, 3, seed=0)  # 27 distinct points: many duplicates and exact ties
     k = 40
-    got = knn(x, None, k, distance="euclidean", chunk_size=chunk_size, backend=backend)
+    got = knn(x, None, k, distance="euclidean", chunk_size=chunk_size, backend=backend.replace("symmetric", "torch"),
+              symmetric=backend == "symmetric")
     want = brute_force(x.numpy(), x.numpy(), k, "euclidean", exclude=list(range(len(x))))
     np.testing.assert_array_equal(got.indices.numpy(), want)
     sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
@@ -100,8 +101,10 @@ def test_self_knn_with_exact_ties_matches_brute_force(backend: str, chunk_size: 
 def test_self_excluded_by_index_duplicates_kept(backend: str) -> None:
     x = torch.tensor([[0.0], [0.0], [0.0], [5.0]])
     for chunk_size in (1, 2, 4):
-        got = knn(x, None, 3, distance="euclidean", backend=backend, chunk_size=chunk_size).indices.tolist()
-        assert got == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+        for sym in (False, True):
+            got = knn(x, None, 3, distance="euclidean", backend=backend, chunk_size=chunk_size,
+                      symmetric=sym).indices.tolist()
+            assert got == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
@@ -141,16 +144,18 @@ def test_chunk_size_and_repeats_do_not_change_results() -> None:
         torch.testing.assert_close(got.scores, ref.scores, rtol=0, atol=1e-6)
     again = knn(x, None, 25, chunk_size=64)
     assert torch.equal(again.indices, knn(x, None, 25, chunk_size=64).indices)
-    # the symmetric path equals the plain one with explicit self exclusion
-    plain = knn(x, x, 25, exclude=torch.arange(333), chunk_size=50)
-    assert torch.equal(plain.indices, ref.indices)
+    # the symmetric path, at any chunk size, equals the plain one
+    for cs in (7, 64, 333):
+        sym = knn(x, None, 25, chunk_size=cs, symmetric=True)
+        assert torch.equal(sym.indices, ref.indices)
+        torch.testing.assert_close(sym.scores, ref.scores, rtol=0, atol=1e-6)
 
 
 def test_sliced_running_topk_merge(monkeypatch: pytest.MonkeyPatch) -> None:
     x = integer_data(90, 3, seed=12)
     ref = knn(x, None, 30, distance="euclidean", chunk_size=90)
     monkeypatch.setattr(knn_mod, "_MERGE_ROWS", 1)  # slices of chunk_size rows
-    got = knn(x, None, 30, distance="euclidean", chunk_size=8)
+    got = knn(x, None, 30, distance="euclidean", chunk_size=8, symmetric=True)
     assert torch.equal(got.indices, ref.indices)
 
 

@@ -21,10 +21,12 @@ never returns reference ``i`` (by index, so duplicates of ``i`` are still return
 separate reference set, ``exclude[i]`` names one reference position to skip for query ``i``
 (``-1``: none), for query/gallery splits that overlap.
 
-**Backends.** ``"torch"`` runs on whatever device the tensors are on. When query = reference it
-exploits symmetry: similarity blocks ``S[i, j]`` are computed for ``j ≥ i`` only and each block
-feeds the top-k of both its rows and its columns, halving the matrix products; a running top-k
-is kept for rows not finished yet (``N × k`` numbers). ``"faiss"`` uses ``IndexFlatIP`` /
+**Backends.** ``"torch"`` runs on whatever device the tensors are on: one ``[chunk, M]``
+similarity block per query chunk, then an exact top-k. With ``symmetric=True`` (query =
+reference only) it exploits symmetry instead: strips ``S[s:e, s:]`` are computed once and feed
+the top-k of both their rows and their columns, halving the matrix products, with a running
+top-k (``N × k`` numbers) for rows not finished yet. On the 2-core CPU of docs/evaluation.md
+that was slower (top-k selection, not the matmul, dominates there), so it is opt-in. ``"faiss"`` uses ``IndexFlatIP`` /
 ``IndexFlatL2`` (on GPU when the tensors are on CUDA and faiss was built with GPU support); when
 faiss cannot be imported it warns once and uses torch. ``"auto"`` is torch: on the 2-core CPU box
 of ``docs/evaluation.md`` it was several times faster than faiss's flat index at k ≈ 200.
@@ -423,6 +425,7 @@ def iter_knn(
     exclude: Tensor | None = None,
     chunk_size: int = 4096,
     backend: str = "auto",
+    symmetric: bool = False,
 ) -> Iterator[KnnChunk]:
     """Exact k-NN of each query, yielded chunk by chunk (in query order).
 
@@ -437,6 +440,9 @@ def iter_knn(
             explicit ``reference``.
         chunk_size: queries per chunk; memory is ``O(chunk_size × M)``.
         backend: ``"auto"`` (= torch), ``"torch"`` or ``"faiss"``.
+        symmetric: with ``reference=None`` and torch, compute each similarity once (upper
+            strips, see the module doc). Same result; off by default because on CPU the extra
+            top-k bookkeeping cost more than the halved matmul saved (docs/evaluation.md).
 
     Yields:
         :class:`KnnChunk` per block of queries, scores highest first, ties by lower position.
@@ -475,8 +481,11 @@ def iter_knn(
     if faiss is not None:
         ex = torch.arange(q.shape[0]) if self_mode else exclude
         yield from _faiss_chunks(q, r, k, distance, chunk_size, ex, faiss)
-    elif self_mode:
+    elif self_mode and symmetric:
         yield from _torch_self_symmetric(q, k, distance, chunk_size)
+    elif self_mode:
+        own = torch.arange(q.shape[0], device=q.device)
+        yield from _torch_chunks(q, q, k, distance, chunk_size, own)
     else:
         yield from _torch_chunks(q, r, k, distance, chunk_size, exclude)
 
@@ -490,6 +499,7 @@ def knn(
     exclude: Tensor | None = None,
     chunk_size: int = 4096,
     backend: str = "auto",
+    symmetric: bool = False,
 ) -> KnnResult:
     """All neighbours at once (``[Q, k]``); see :func:`iter_knn` for the arguments.
 
@@ -499,7 +509,7 @@ def knn(
         [[2, 1], [2, 0], [0, 1]]
     """
     parts = list(iter_knn(query, reference, k, distance=distance, exclude=exclude,
-                          chunk_size=chunk_size, backend=backend))
+                          chunk_size=chunk_size, backend=backend, symmetric=symmetric))
     if not parts:
         dev = query.device
         return KnnResult(torch.empty((0, k), device=dev), torch.empty((0, k), dtype=torch.long, device=dev))
