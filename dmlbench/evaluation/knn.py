@@ -29,7 +29,7 @@ top-k (``N × k`` numbers) for rows not finished yet. On the 2-core CPU of docs/
 that was slower (top-k selection, not the matmul, dominates there), so it is opt-in. ``"faiss"`` uses ``IndexFlatIP`` /
 ``IndexFlatL2`` (on GPU when the tensors are on CUDA and faiss was built with GPU support); when
 faiss cannot be imported it warns once and uses torch. ``"auto"`` is torch: on the 2-core CPU box
-of ``docs/evaluation.md`` it was several times faster than faiss's flat index at k ≈ 200.
+of ``docs/evaluation.md`` it took half the CPU time of faiss's flat index at k ≈ 200.
 """
 
 from __future__ import annotations
