@@ -194,6 +194,12 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
     return TrialData(source, table, manifest, split, label_map)
 
 
+def split_hash(cfg: TrialConfig) -> str:
+    """The fold manifest hash a trial of ``cfg`` uses (reads the dataset's lists, decodes nothing)."""
+    source = DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
+    return make_manifest(source.table(), cfg.dataset, cfg.num_folds, cfg.split_seed).hash
+
+
 # ---- evaluation --------------------------------------------------------------------------
 @torch.no_grad()
 def embed_indices(
@@ -440,6 +446,7 @@ class _Loop:
             if cfg.eval_at_start and has_val:
                 metrics = self._validate()
                 self.history.append({"epoch": 0, **metrics})
+                self._save("last")
                 self._emit(0, metrics)
         self.method.train()
         while self.epoch < cfg.epochs and not self.stopped_early and not self._budget_done():

@@ -7,7 +7,14 @@ import json
 from typing import Any
 
 from dmlbench.orchestrator.spec import Cell, SweepSpec
-from dmlbench.orchestrator.trainable import BEST_KEY, EPOCH_KEY, ERROR_KEY, STATUS_KEY, SUMMARY_KEY
+from dmlbench.orchestrator.trainable import (
+    BEST_KEY,
+    EPOCH_KEY,
+    ERROR_KEY,
+    SPLIT_HASH_KEY,
+    STATUS_KEY,
+    SUMMARY_KEY,
+)
 from dmlbench.results import provenance, schema
 
 _SPLIT_COLUMNS = {
@@ -98,7 +105,7 @@ def build_row(
         schema.IMAGE_SIZE: base.get("image_size"),
         schema.BN_POLICY: base.get("bn_policy"),
         schema.PROTOCOL: f"cv{spec.folds}-val-select",
-        schema.SPLIT_HASH: summary.get("split_hash"),
+        schema.SPLIT_HASH: summary.get("split_hash") or last.get(SPLIT_HASH_KEY) or None,
         schema.FOLD: fold,
         schema.SEED: seed,
         schema.PHASE: phase,

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dmlbench.errors import Diverged
+from dmlbench.errors import Diverged, DmlbenchError
 
 STATUS_KEY = "dmlbench_status"
 BEST_KEY = "dmlbench_best"
@@ -34,6 +34,7 @@ SUMMARY_KEY = "dmlbench_summary"
 ERROR_KEY = "dmlbench_error"
 SEED_KEY = "seed"
 EPOCH_KEY = "trial_epoch"
+SPLIT_HASH_KEY = "dmlbench_split_hash"
 TIME_ATTR = "epoch"
 #: finite score the searcher gets for diverged/failed trials (metrics live in [0, 1])
 PENALTY = -1.0
@@ -128,6 +129,12 @@ def run_trial(
 
     if train_fn is None:
         from dmlbench.engine import train as train_fn
+    try:
+        from dmlbench.engine.trainer import split_hash
+
+        shash: str | None = split_hash(cfg)
+    except DmlbenchError:
+        shash = None  # the engine raises the same problem with its own message
 
     restore_checkpoint(output_dir)
 
@@ -137,7 +144,8 @@ def run_trial(
             best.clear()
             best.update(clean)
             best["epoch"] = float(epoch)
-        payload: dict[str, Any] = {**clean, EPOCH_KEY: epoch, BEST_KEY: json.dumps(best), STATUS_KEY: "running"}
+        payload: dict[str, Any] = {**clean, EPOCH_KEY: epoch, BEST_KEY: json.dumps(best), STATUS_KEY: "running",
+                                   SPLIT_HASH_KEY: shash or ""}
         if epoch < cfg.epochs:
             # ASHA's time attribute; left out of the last epoch's report so the scheduler never stops
             # a trial that already trained fully (it then sends its final report and is "complete")

@@ -154,7 +154,7 @@ class CCP(Method):
         up to 10000 rounds; P/b = 8/12 with 25-step rounds (CUB, Cars196) or 4/7 with 250-step rounds
         (SOP, In-shop). The backbone (BN-Inception at 227 px in the paper) is left to the user.
         Embedded data (tiny CNN from scratch): the dataset preset's optimiser settings, P = 2,
-        b = 3, 10-step rounds and stage patience 2 so stages change within a one-minute run.
+        b = 3 (pool_ratio 1.5), 10-step rounds and stage patience 2 so stages change within a one-minute run.
         """
         clip = {"grad_clip_norm": 10.0, "grad_clip_value": 10.0, "adam_eps": 1e-7}
         if embedded:
@@ -162,15 +162,17 @@ class CCP(Method):
                 **clip,
                 "params": {
                     "proxies_per_class": 2,
-                    "pool_size": 3,
+                    "pool_ratio": 1.5,  # b = 3
                     "iters_per_epoch": 10,
                     "stage_patience": 2,
                 },
             }
         params: dict[str, Any] = (
-            {"proxies_per_class": 4, "pool_size": 7, "iters_per_epoch": 250}
+            # pool sizes as ratios (b = round(ratio * P): 7 and 12) so the search space's
+            # pool_ratio can replace them
+            {"proxies_per_class": 4, "pool_ratio": 1.75, "iters_per_epoch": 250}
             if dataset in ("sop", "inshop")
-            else {"proxies_per_class": 8, "pool_size": 12, "iters_per_epoch": 25}
+            else {"proxies_per_class": 8, "pool_ratio": 1.5, "iters_per_epoch": 25}
         )
         return {
             **clip,
