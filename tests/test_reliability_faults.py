@@ -187,13 +187,6 @@ def test_trial_raising_is_a_failed_row_and_the_sweep_goes_on(
         assert rows[key]["status"] == "complete" and 0.0 <= rows[key]["map_at_r"] <= 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="orchestrator/sweep.py writes rows inside Tune callbacks (_RowWriter.write); Tune wraps the "
-    "callback's exception (store's DmlbenchError 'cannot write ...') into a TuneError holding a traceback, "
-    "so the sweep ends with a traceback instead of one sentence. Fix: catch DmlbenchError in "
-    "_RowWriter.write, remember it, and re-raise it after tuner.fit() returns",
-)
 def test_results_folder_unwritable_is_a_clear_error_and_rows_stay_readable(
     tmp_path: Path, baseline: dict[str, dict[str, Any]]
 ) -> None:

@@ -6,6 +6,8 @@ so pruning, divergence and failure paths are deterministic. Ray runs locally wit
 
 from __future__ import annotations
 
+import json
+
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,6 +146,10 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: None, spaces: Path
     assert len(final) == 4
     assert set(final[schema.EVAL_SPLIT]) == {"test"}
     assert sorted(final[schema.SEED].unique().tolist()) == [1000, 1001]
+    # seed i holds out validation fold i (checkpoint selection never sees the test split)
+    assert {(int(r[schema.SEED]), int(r[schema.FOLD])) for _, r in final.iterrows()} == {(1000, 0), (1001, 1)}
+    for _, r in final.iterrows():
+        assert json.loads(r[schema.CONFIG_JSON])["fold"] == r[schema.FOLD]
     for o in outcomes:
         rows = [r for r in o.rows.values() if r[schema.PHASE] == "final"]
         assert all(r[schema.MAP_AT_R] == pytest.approx(o.best_params["quality"] / 2) for r in rows)

@@ -1,5 +1,10 @@
-"""Final phase: the best params of a cell retrained with ``--final-seeds`` seeds on all training
-classes and evaluated once on the test split (``phase=final``)."""
+"""Final phase: the best params of a cell retrained with ``--final-seeds`` seeds and evaluated once
+on the test split (``phase=final``).
+
+Seed ``i`` trains on the training classes minus validation fold ``i mod folds`` and selects its
+checkpoint (early stopping, CCP stages) on that fold, so nothing is ever selected on test data; with
+as many seeds as folds this is the fold ensemble of the CCP protocol (one model per held-out fold).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,13 @@ def run_cell_final(
     name = experiment_name(spec, cell, phase="final")
     writer = sweep._RowWriter(spec, cell, "final", base, out)
     trainable = sweep._trainable(spec, base, train_fn)
-    param_space = {**best_params, "seed": tune.grid_search(sweep.final_seeds(spec))}
+    seeds = sweep.final_seeds(spec)
+    fold_of = {s: i % spec.folds for i, s in enumerate(seeds)}
+    param_space = {
+        **best_params,
+        "seed": tune.grid_search(seeds),
+        "fold": tune.sample_from(lambda s: fold_of[s.config.seed]),
+    }
 
     def make() -> Any:
         return tune.Tuner(

@@ -152,7 +152,8 @@ def final_seeds(spec: SweepSpec) -> list[int]:
 
 
 def cell_base(spec: SweepSpec, cell: Cell, phase: str) -> dict[str, Any]:
-    """TrialConfig defaults for every trial of a cell (search: fold 0; final: all train classes).
+    """TrialConfig defaults for every trial of a cell (search: fold 0; final: the fold is set per
+    seed by :mod:`dmlbench.orchestrator.final`).
 
     Layers (later wins): the dataset's preset < the method's recommendation for the dataset <
     the sweep's ``trial_base`` (preset / explicit) < what the sweep owns (cell, epochs, folds,
@@ -181,7 +182,7 @@ def cell_base(spec: SweepSpec, cell: Cell, phase: str) -> dict[str, Any]:
         "split_seed": spec.seed,
         "seed": spec.seed,
         "phase": phase,
-        "fold": 0 if phase == "search" else None,
+        "fold": 0,
         "early_stop_metric": spec.metric,
     }
     if spec.data_root:
@@ -295,6 +296,15 @@ class _RowWriter:
         self.rows_dir = sweep_dir(spec) / store.ROWS_DIR
         self.experiment = ""
         self.running: set[str] = set()
+        #: the first row that could not be written (disk full, permissions); raised after fit(),
+        #: because an exception inside a Tune callback comes out wrapped in a traceback
+        self.failure: DmlbenchError | None = None
+
+    def write_in_callback(self, trial: Any) -> None:
+        try:
+            self.write(trial)
+        except DmlbenchError as err:
+            self.failure = self.failure or err
 
     def progress(self, trial_id: str, running: bool) -> None:
         from dmlbench.orchestrator.status import write_progress
@@ -309,7 +319,8 @@ class _RowWriter:
         config = dict(trial.config)
         params = sampled_params(config)
         seed = int(params.pop("seed", self.base["seed"])) if self.phase == "final" else int(self.base["seed"])
-        base = {**self.base, "seed": seed}
+        fold = int(params.pop("fold", self.base["fold"])) if self.phase == "final" else self.base["fold"]
+        base = {**self.base, "seed": seed, "fold": fold}
         try:
             cfg_json: str | None = build_trial_config(base, params).to_json()
         except DmlbenchError:
@@ -344,11 +355,11 @@ def _row_callback(writer: _RowWriter) -> Any:
             writer.progress(trial.trial_id, True)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            writer.write(trial)
+            writer.write_in_callback(trial)
             writer.progress(trial.trial_id, False)
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            writer.write(trial)
+            writer.write_in_callback(trial)
             writer.progress(trial.trial_id, False)
 
     return RowCallback()
@@ -406,6 +417,8 @@ def _fit(spec: SweepSpec, name: str, make_tuner: Callable[[], Any], trainable: A
     else:
         tuner = make_tuner()
     grid = tuner.fit()
+    if writer.failure is not None:
+        raise writer.failure
     unfinished = 0
     for trial in grid._experiment_analysis.trials:
         if trial.status in ("TERMINATED", "ERROR"):
