@@ -158,3 +158,22 @@ def test_pretrained_from_local_file(tiny_cfg: dict[str, Any], tmp_path: Path) ->
     for (k, v), (k2, v2) in zip(src.state_dict().items(), bb.trunk.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     assert bb.pretrained_id.startswith("file:w.pth:")
+
+
+class _NaNEmbed(Method):
+    name = "nan_embed_test"
+
+    def loss(self, batch: Batch) -> LossOutput:
+        return LossOutput(self.backbone(batch.images).pow(2).mean())
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images) * float("nan")
+
+
+def test_non_finite_embeddings_are_divergence(tiny_cfg: dict[str, Any]) -> None:
+    METHODS.register("nan_embed_test")(_NaNEmbed)
+    try:
+        with pytest.raises(Diverged, match="non-finite primary embeddings"):
+            train(TrialConfig.from_dict({**tiny_cfg, "method": "nan_embed_test"}))
+    finally:
+        METHODS._entries.pop("nan_embed_test")

@@ -224,12 +224,18 @@ def embed_indices(
 
 def evaluate_indices(
     method: Method, data: TrialData, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
-    query_gallery: bool = False,
+    query_gallery: bool = False, step: int = 0,
 ) -> dict[str, float]:
-    """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery)."""
+    """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery).
+
+    Non-finite embeddings (a model that blew up without a non-finite loss) raise :class:`Diverged`.
+    """
     from dmlbench.evaluation import evaluate_embeddings
 
     embs = embed_indices(method, data.table, indices, cfg, device, data.source.embedded)
+    for key, emb in embs.items():
+        if not bool(torch.isfinite(emb).all()):
+            raise Diverged(step, float("nan"), {f"non-finite {key or 'primary'} embeddings": float("nan")})
     labels = data.table.labels[indices]
     kwargs: dict[str, Any] = dict(
         recall_ks=data.source.recall_ks, distance=method.eval_distance, chunk_size=cfg.eval_chunk,
@@ -515,7 +521,7 @@ class _Loop:
 
     def _validate(self) -> dict[str, float]:
         assert self.data.split.val is not None
-        return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device)
+        return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device, step=self.step)
 
     def _track_best(self, metrics: dict[str, float]) -> None:
         key = self.cfg.early_stop_metric
