@@ -24,16 +24,13 @@ published folder that fails validation (e.g. a truncated ``pixels.u8``) is rebui
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ from PIL import Image
 
 from dmlbench.datasets.base import SampleTable
 from dmlbench.errors import ConfigError, DatasetError
+from dmlbench.fsutil import file_lock, fsync_dir
 
 CACHE_ENV = "DMLBENCH_CACHE"
 FORMAT_VERSION = 1
@@ -207,7 +205,7 @@ def ensure_cache(
     expected = {"version": FORMAT_VERSION, "key": key, "n": len(table), "side": side}
     if is_valid_cache(final, expected):
         return final, False
-    with _locked(root / f"{name}.lock"):
+    with file_lock(root / f"{name}.lock"):
         if is_valid_cache(final, expected):  # another process finished while we waited
             return final, False
         for stale in root.glob(f"{name}.tmp-*"):  # left by an interrupted build
@@ -218,7 +216,7 @@ def ensure_cache(
         try:
             _build(table, tmp, {**expected, "dataset_id": dataset_id, "size": size}, workers)
             os.rename(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -279,21 +277,3 @@ def _build(table: SampleTable, folder: Path, meta: dict[str, Any], workers: int 
         json.dump(meta, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -32,6 +32,7 @@ from dmlbench.datasets.torchdata import ClassBalancedBatchSampler, ImageDataset,
 from dmlbench.datasets.transforms import build_transform
 from dmlbench.engine.backbones import build_backbone
 from dmlbench.errors import CheckpointError, ConfigError, DatasetError, Diverged
+from dmlbench.fsutil import atomic_open
 from dmlbench.methods import METHODS, Method, TrainContext
 from dmlbench.methods.base import check_param_groups
 
@@ -106,17 +107,8 @@ def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: Path, cfg: TrialConfig | None = None) -> dict[str, Any]:

@@ -14,12 +14,7 @@ warning naming the file; the other rows are never lost.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import re
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dmlbench.errors import DmlbenchError
+from dmlbench.fsutil import atomic_open, file_lock
 from dmlbench.results import schema
 
 ROWS_DIR = "rows"
@@ -46,45 +42,18 @@ def row_filename(row_id: str) -> str:
     return _SAFE.sub("_", row_id).strip("._") + ".parquet"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_table_atomic(table: pa.Table, dest: Path) -> Path:
-    """Write ``table`` to ``dest`` via a temp file in the same folder + fsync + ``os.replace``.
+    """Write ``table`` to ``dest`` atomically (:func:`dmlbench.fsutil.atomic_open`).
 
     Raises:
         DmlbenchError: the folder cannot be created or written (disk full, permissions, a file in
             the way); nothing is left at ``dest`` and files already written are untouched.
     """
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    except OSError as err:
-        raise _write_error(dest, err) from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_open(dest) as fh:
             pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise _write_error(dest, err) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
     return dest
 
 
@@ -159,18 +128,6 @@ def read_rows(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     df = pa.concat_tables([t for _, t in tables]).to_pandas()
     df = df.drop_duplicates(subset=[schema.ROW_ID], keep="last").reset_index(drop=True)
     return df, warnings
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``fcntl.flock`` on ``path`` (created if needed) for the ``with`` block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def rebuild_leaderboard(results_dir: Path) -> Path:
