@@ -188,7 +188,10 @@ class TrialConfig(StrictModel):
         params = dict(data["params"])
         from dmlbench.methods import METHODS
 
-        method_fields = set(METHODS.get(self.method).Params.model_fields)
+        from dmlbench.methods.base import layer_params
+
+        method_cls = METHODS.get(self.method)
+        method_fields = set(method_cls.Params.model_fields)
         for item in assignments:
             if "=" not in item:
                 raise ConfigError(f"--set expects key=value, got {item!r}.")
@@ -196,11 +199,11 @@ class TrialConfig(StrictModel):
             key = key.strip()
             value = yaml.safe_load(raw) if raw.strip() else None
             if key.startswith("params."):
-                params[key[len("params.") :]] = value
+                params = layer_params(method_cls, params, {key[len("params.") :]: value})
             elif key in TrialConfig.model_fields:
                 data[key] = value
             elif key in method_fields:
-                params[key] = value
+                params = layer_params(method_cls, params, {key: value})
             else:
                 valid = sorted(TrialConfig.model_fields) + sorted(method_fields)
                 hint = close_matches(key, valid)

@@ -74,3 +74,15 @@ def test_registry_duplicates_and_unknown() -> None:
     with pytest.raises(UnknownNameError, match="valid things: a"):
         r.get("b")
     assert "a" in r and list(r) == ["a"] and len(r) == 1
+
+
+def test_alternative_params_later_layer_wins() -> None:
+    """CCP's pool_size and pool_ratio are alternatives: --set pool_size over the recipe's pool_ratio."""
+    from dmlbench.engine.resolve import layered_config
+
+    rec = layered_config("ccp", "digits")
+    assert rec.params["pool_ratio"] == 1.5 and rec.params["pool_size"] is None
+    over = layered_config("ccp", "digits", overrides=["pool_size=4"])
+    assert over.params["pool_size"] == 4 and over.params["pool_ratio"] is None
+    with pytest.raises(ConfigError, match="not both"):  # both in one layer is still an error
+        TrialConfig.from_dict({"method": "ccp", "dataset": "digits", "params": {"pool_size": 4, "pool_ratio": 2.0}})

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from dmlbench.results import schema, store
 
@@ -44,7 +43,7 @@ def test_two_writers_same_output_no_corruption(tmp_path: Path) -> None:
         while not pending.ready():
             lb = tmp_path / store.LEADERBOARD
             if lb.exists():
-                table = pq.read_table(lb)  # must never be a half-written file
+                table = store.read_parquet(lb)  # must never be a half-written file
                 assert table.schema.equals(schema.SCHEMA)
                 ids = table.column(schema.ROW_ID).to_pylist()
                 assert len(ids) == len(set(ids))
@@ -57,7 +56,7 @@ def test_two_writers_same_output_no_corruption(tmp_path: Path) -> None:
     df, warnings = store.read_rows(tmp_path)
     assert warnings == []
     assert dict(zip(df[schema.ROW_ID], df[schema.MAP_AT_R], strict=True)) == expected
-    board = pq.read_table(tmp_path / store.LEADERBOARD).to_pandas()
+    board = store.read_parquet(tmp_path / store.LEADERBOARD).to_pandas()
     assert dict(zip(board[schema.ROW_ID], board[schema.MAP_AT_R], strict=True)) == expected
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []

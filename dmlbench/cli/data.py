@@ -10,7 +10,7 @@ from rich.table import Table
 from dmlbench.cli import EXIT_USER_ERROR, console, datasets_app, friendly
 
 
-@datasets_app.command("check")
+@datasets_app.command("check", epilog="Examples:\n\n  dmlbench datasets check all --data-root /data/dml\n\n  dmlbench datasets check cub200 sop --verify")
 @friendly
 def check(
     names: Annotated[

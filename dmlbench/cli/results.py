@@ -62,7 +62,7 @@ def _print_wide(table: Table) -> None:
         Console(file=sys.stdout, width=need, force_terminal=console.is_terminal).print(table)
 
 
-@app.command("leaderboard")
+@app.command("leaderboard", epilog="Examples:\n\n  dmlbench leaderboard results/\n\n  dmlbench leaderboard results/ --dataset cub200 --with-paper --format markdown\n\n  dmlbench leaderboard results/ --phase search --sort recall_at_1")
 @friendly
 def leaderboard_cmd(
     results_dir: ResultsDir = DEFAULT_RESULTS,
@@ -113,7 +113,7 @@ def leaderboard_cmd(
                 _print_wide(_rich_table(lbm.search_title(ds), lbm.display_search(lb.search[ds], lb.sort)))
 
 
-@app.command("report")
+@app.command("report", epilog="Examples:\n\n  dmlbench report results/ --out report.html\n\n  dmlbench report results/ --out report.html --png plots/")
 @friendly
 def report_cmd(
     results_dir: ResultsDir = DEFAULT_RESULTS,
@@ -148,7 +148,7 @@ def report_cmd(
     console.print(f"wrote {files[0]}" + (f" and {len(files) - 1} PNG files under {png}" if png else ""))
 
 
-@app.command("reproduce")
+@app.command("reproduce", epilog="Examples:\n\n  dmlbench leaderboard results/ --format json   # find a row_id\n\n  dmlbench reproduce sweep-1a2b3c4d-ccp_digits_tiny-final-0001 results/")
 @friendly
 def reproduce_cmd(
     row_id: Annotated[

@@ -10,7 +10,7 @@ import typer
 from dmlbench.cli import app, console, friendly
 
 
-@app.command()
+@app.command(epilog="Examples:\n\n  dmlbench sweep --methods nivmf,ccp,diva --datasets embedded --preset smoke\n\n  dmlbench sweep --methods all --datasets all --data-root /data/dml --gpus-per-trial 0.5 --trials 40\n\n  dmlbench sweep --methods ccp --datasets cub200 --address ray://head:10001 --storage s3://bucket/dml\n\n  dmlbench sweep ... --dry-run")
 @friendly
 def sweep(
     *,
@@ -52,7 +52,10 @@ def sweep(
     sw.run(spec, resume=resume, force=force, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Examples:\n\n  dmlbench submit --address http://head:8265 -- sweep --methods ccp --datasets cub200 --data-root /data/dml",
+)
 @friendly
 def submit(
     ctx: typer.Context,
@@ -66,7 +69,7 @@ def submit(
     console.print(jobs.follow_hint(address, job_id), highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog="Examples:\n\n  dmlbench status results/")
 @friendly
 def status(
     results: Annotated[Path, typer.Argument(help="results folder or one sweep folder")] = Path("results"),

@@ -106,7 +106,7 @@ def train(
     console.print(f"{result.steps} steps in {result.wall_time_s:.1f}s; split hash {result.split_hash}")
 
 
-@methods_app.command("list")
+@methods_app.command("list", epilog="Examples:\n\n  dmlbench methods list")
 @friendly
 def methods_list() -> None:
     """List the registered methods with their parameters and defaults."""
@@ -121,7 +121,7 @@ def methods_list() -> None:
     console.print(table)
 
 
-@datasets_app.command("list")
+@datasets_app.command("list", epilog="Examples:\n\n  dmlbench datasets list")
 @friendly
 def datasets_list() -> None:
     """List the registered datasets (embedded ones need no download)."""

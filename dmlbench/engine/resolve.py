@@ -14,7 +14,8 @@ import yaml
 from dmlbench.config import TrialConfig
 from dmlbench.datasets import DATASETS
 from dmlbench.errors import ConfigError
-from dmlbench.methods import METHODS
+from dmlbench.methods import METHODS, Method
+from dmlbench.methods.base import layer_params
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -35,9 +36,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _merge(method: type[Method], base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = {**base, **{k: v for k, v in extra.items() if k != "params"}}
-    out["params"] = {**base.get("params", {}), **extra.get("params", {})}
+    out["params"] = layer_params(method, base.get("params", {}), extra.get("params", {}))
     return out
 
 
@@ -49,11 +50,11 @@ def layered_config(
     method_cls = METHODS.get(method)
     source_cls = DATASETS.get(dataset)
     data: dict[str, Any] = {"method": method, "dataset": dataset, "params": {}}
-    data = _merge(data, dict(getattr(source_cls, "preset", {}) or {}))
-    data = _merge(data, method_cls.recommended(dataset, bool(getattr(source_cls, "embedded", False))))
+    data = _merge(method_cls, data, dict(getattr(source_cls, "preset", {}) or {}))
+    data = _merge(method_cls, data, method_cls.recommended(dataset, bool(getattr(source_cls, "embedded", False))))
     if file is not None:
-        data = _merge(data, read_config_file(file))
-    data = _merge(data, explicit or {})
+        data = _merge(method_cls, data, read_config_file(file))
+    data = _merge(method_cls, data, explicit or {})
     data["method"], data["dataset"] = method, dataset
     cfg = TrialConfig.from_dict(data)
     return cfg.with_overrides(overrides) if overrides else cfg

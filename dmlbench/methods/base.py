@@ -121,6 +121,9 @@ class Method(nn.Module):
     #: how evaluation compares embeddings: "cosine" (L2-normalised, inner product) or
     #: "euclidean" (raw L2 distance; CCP's unit-ball embeddings)
     eval_distance: ClassVar[str] = "cosine"
+    #: groups of alternative parameters (e.g. CCP's pool_size / pool_ratio): when a later
+    #: configuration layer sets one of a group, the others set by earlier layers are dropped
+    exclusive_params: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
         super().__init__()
@@ -211,6 +214,25 @@ class Method(nn.Module):
 
     def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+
+def layer_params(method: type[Method], base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``{**base, **extra}`` for method params, honouring ``method.exclusive_params``.
+
+    Example:
+        >>> class M(Method):
+        ...     exclusive_params = (("pool_size", "pool_ratio"),)
+        >>> layer_params(M, {"pool_ratio": 1.5, "lam": 1.0}, {"pool_size": 3})
+        {'lam': 1.0, 'pool_size': 3}
+    """
+    out = dict(base)
+    for group in method.exclusive_params:
+        if any(k in extra for k in group):
+            for k in group:
+                if k not in extra:
+                    out.pop(k, None)
+    out.update(extra)
+    return out
 
 
 def check_param_groups(method: Method, groups: list[dict[str, Any]]) -> None:

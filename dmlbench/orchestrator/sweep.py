@@ -167,9 +167,12 @@ def cell_base(spec: SweepSpec, cell: Cell, phase: str) -> dict[str, Any]:
     embedded = bool(getattr(ds_cls, "embedded", False))
     layered: dict[str, Any] = {**dict(getattr(ds_cls, "preset", {}) or {})}
     rec = dict(METHODS.get(cell.method).recommended(cell.dataset, embedded))
-    params = {**dict(layered.pop("params", {}) or {}), **dict(rec.pop("params", {}) or {})}
+    from dmlbench.methods.base import layer_params
+
+    method_cls = METHODS.get(cell.method)
+    params = layer_params(method_cls, dict(layered.pop("params", {}) or {}), dict(rec.pop("params", {}) or {}))
     layered.update(rec)
-    params.update(dict(spec.trial_base.get("params") or {}))
+    params = layer_params(method_cls, params, dict(spec.trial_base.get("params") or {}))
     base: dict[str, Any] = {
         **layered,
         **{k: v for k, v in spec.trial_base.items() if k != "params"},

@@ -84,9 +84,19 @@ def row_files(results_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"**/{ROWS_DIR}/*.parquet") if not p.name.startswith("."))
 
 
+def read_parquet(path: Path) -> pa.Table:
+    """Read a Parquet file through ONE open handle.
+
+    ``pq.read_table(path)`` may open the path more than once (footer, then pages); if a writer
+    atomically replaces the file in between, the reader mixes two files. One handle pins one inode,
+    so a concurrent :func:`rebuild_leaderboard` is seen as the old file or the new one.
+    """
+    with open(path, "rb") as fh:
+        return pq.read_table(fh)
+
+
 def _read_one(path: Path) -> pa.Table:
-    table = pq.read_table(path)
-    return schema.upgrade(table)
+    return schema.upgrade(read_parquet(path))
 
 
 def read_rows(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:

@@ -305,5 +305,8 @@ def split_values(method: str, values: dict[str, Any]) -> tuple[dict[str, Any], d
 def build_trial_config(base: dict[str, Any], values: dict[str, Any]) -> TrialConfig:
     """``base`` trial settings (must include ``method``) + sampled/fixed ``values`` → TrialConfig."""
     top, params = split_values(str(base["method"]), values)
-    merged_params = {**dict(base.get("params") or {}), **params}
+    from dmlbench.methods import METHODS
+    from dmlbench.methods.base import layer_params
+
+    merged_params = layer_params(METHODS.get(str(base["method"])), dict(base.get("params") or {}), params)
     return TrialConfig.from_dict({**base, **top, "params": merged_params})

@@ -51,6 +51,7 @@ class CCP(Method):
     name: ClassVar[str] = "ccp"
     Params: ClassVar[type[MethodParams]] = CCPParams
     eval_distance: ClassVar[str] = "euclidean"
+    exclusive_params: ClassVar[tuple[tuple[str, ...], ...]] = (("pool_size", "pool_ratio"),)
 
     def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
         super().__init__(cfg, backbone, num_classes)
