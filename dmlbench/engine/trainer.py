@@ -263,12 +263,37 @@ def make_scheduler(cfg: TrialConfig, opt: torch.optim.Optimizer) -> torch.optim.
 
 # ---- the loop ----------------------------------------------------------------------------
 class _Progress:
+    """A step progress bar on an interactive terminal (rich), and one line per epoch otherwise."""
+
     def __init__(self, enabled: bool, total_epochs: int, label: str):
         self.enabled = enabled
         self.total = total_epochs
         self.label = label
+        self.bar: Any = None
+        self.task: Any = None
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task(f"[{self.label}] epoch {epoch}/{self.total}", total=steps)
+
+    def advance(self) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.advance(self.task)
 
     def epoch(self, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.remove_task(self.task)
+            self.bar.stop()
+            self.task = None
         if not self.enabled:
             return
         shown = {k: metrics[k] for k in ("loss", "map_at_r", "precision_at_1", "recall_at_1") if k in metrics}
@@ -479,6 +504,7 @@ class _Loop:
         cfg = self.cfg
         self.sampler.set_epoch(self.epoch)
         torch.manual_seed(epoch_seed(cfg.seed, self.epoch))
+        self.progress.start_epoch(self.epoch, len(self.sampler))
         sums: dict[str, float] = {}
         n = 0
         for batch in self.loader:
@@ -507,6 +533,7 @@ class _Loop:
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
+            self.progress.advance()
             if self._budget_done():
                 break
         return {k: v / max(n, 1) for k, v in sums.items()}
