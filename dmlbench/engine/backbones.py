@@ -32,7 +32,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InputNorm(nn.Module):
-    """Maps [0, 1] RGB input to what a trunk expects: ``(x · scale[, BGR] − mean) / std``."""
+    """Maps [0, 1] RGB input to what a trunk expects: ``(x · scale[, BGR] − mean) / std``.
+
+    Computed as one fused ``x · (scale/std) + (−mean/std)`` pass (a per-channel affine map).
+    """
 
     def __init__(
         self,
@@ -42,16 +45,15 @@ class InputNorm(nn.Module):
         bgr: bool = False,
     ):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.scale = scale
+        m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("gain", scale / sd, persistent=False)
+        self.register_buffer("shift", -m / sd, persistent=False)
         self.bgr = bgr
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x * self.scale
         if self.bgr:
             x = x.flip(1)
-        return (x - self.mean) / self.std
+        return torch.addcmul(self.shift, x, self.gain)
 
 
 class Backbone(nn.Module):
