@@ -31,7 +31,7 @@ def run_cell_final(
     param_space = {
         **best_params,
         "seed": tune.grid_search(seeds),
-        "fold": tune.sample_from(lambda s: fold_of[s.config.seed]),
+        "fold": tune.sample_from(lambda config: fold_of[config["seed"]]),
     }
 
     def make() -> Any:
