@@ -187,7 +187,6 @@ class TrialConfig(StrictModel):
         data = self.to_dict()
         params = dict(data["params"])
         from dmlbench.methods import METHODS
-
         from dmlbench.methods.base import layer_params
 
         method_cls = METHODS.get(self.method)

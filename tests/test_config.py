@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from dmlbench.config import TrialConfig
 from dmlbench.errors import ConfigError, UnknownNameError
@@ -22,7 +23,7 @@ def test_roundtrip_json_yaml_and_digest() -> None:
 
 def test_frozen() -> None:
     c = cfg()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         c.lr = 1.0  # type: ignore[misc]
 
 

@@ -38,7 +38,7 @@ def test_pandas_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert len(blocks) == 1
     write_fixture(tmp_path)
     ns: dict[str, object] = {"RESULTS_DIR": str(tmp_path)}
-    exec(compile(blocks[0], str(DOC), "exec"), ns)  # noqa: S102 - our own documentation
+    exec(compile(blocks[0], str(DOC), "exec"), ns)
     out = capsys.readouterr().out
     table = ns["table"]
     ccp = table[table["method"] == "ccp"].iloc[0]  # type: ignore[index]

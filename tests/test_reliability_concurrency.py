@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from dmlbench.results import schema, store
 
 ROWS_PER_WRITER = 15

@@ -103,7 +103,7 @@ def test_node_removed_mid_sweep_trial_rescheduled_and_resumed(
     def drive() -> None:
         try:
             sweep.run(spec, train_fn=resuming_train, echo=lambda s: None)
-        except BaseException as err:  # noqa: BLE001 - surfaced by the assertion below
+        except BaseException as err:
             errors.append(err)
 
     driver = threading.Thread(target=drive)

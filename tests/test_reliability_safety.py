@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from typer.testing import CliRunner
 
 import dmlbench

@@ -7,7 +7,6 @@ so pruning, divergence and failure paths are deterministic. Ray runs locally wit
 from __future__ import annotations
 
 import json
-
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +15,15 @@ from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
-ray = pytest.importorskip("ray")
-
 from dmlbench.config import TrialConfig
 from dmlbench.errors import Diverged
 from dmlbench.methods.base import METHODS, Method, MethodParams
 from dmlbench.orchestrator import sweep
 from dmlbench.orchestrator.spec import SweepSpec
 from dmlbench.results import schema, store
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
 
 
 class FakeParams(MethodParams):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -27,16 +27,16 @@ def train(
     *,
     method: Annotated[str, typer.Option(help="Registered method (see `dmlbench methods list`).")],
     dataset: Annotated[str, typer.Option(help="Registered dataset (see `dmlbench datasets list`).")],
-    backbone: Annotated[Optional[str], typer.Option(help="Registered backbone or any timm model name.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
-    phase: Annotated[Optional[str], typer.Option(help="search: validate on a fold; final: also test once.")] = None,
-    fold: Annotated[Optional[int], typer.Option(help="Validation fold index.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Root of the benchmark datasets ($DMLBENCH_DATA).")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Folder for checkpoints and metrics (resumes if present).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of trial keys (applied before --set).")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Registered backbone or any timm model name.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    phase: Annotated[str | None, typer.Option(help="search: validate on a fold; final: also test once.")] = None,
+    fold: Annotated[int | None, typer.Option(help="Validation fold index.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Root of the benchmark datasets ($DMLBENCH_DATA).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Folder for checkpoints and metrics (resumes if present).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file of trial keys (applied before --set).")] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="key=value override; a trial key or a method parameter (params.NAME)."),
     ] = None,
     format: Annotated[str, typer.Option(help="Output: table or json.")] = "table",

@@ -60,7 +60,7 @@ def read_cars_annos(path: Path) -> tuple[list[str], np.ndarray]:
 
     try:
         mat = scipy.io.loadmat(str(path), squeeze_me=True, struct_as_record=True)
-    except Exception as err:  # noqa: BLE001 - scipy raises ValueError, TypeError, MatReadError, ... on broken files
+    except Exception as err:
         raise DatasetError(f"cannot read {path} ({err}); re-download cars_annos.mat.") from None
     ann: Any = mat.get("annotations")
     names = getattr(getattr(ann, "dtype", None), "names", None) or ()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -165,7 +165,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
             sd = load_file(str(p))
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decode failure is the same user error
+    except Exception as err:
         raise DmlbenchError(f"cannot read pretrained weights {str(p)!r} ({type(err).__name__}: {err}).") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -202,7 +202,7 @@ def _timm_backbone(cfg: TrialConfig) -> Backbone:
         try:
             with _offline():
                 trunk = timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as err:  # noqa: BLE001 - hub/cache errors vary by version
+        except Exception as err:
             raise DmlbenchError(
                 f"pretrained weights for {name!r} are not in the local timm/Hugging Face cache ({type(err).__name__}); "
                 f"download them where there is internet (python -c \"import timm; timm.create_model('{name}', "
@@ -216,7 +216,7 @@ def _timm_backbone(cfg: TrialConfig) -> Backbone:
         if isinstance(cfg.pretrained, str):
             load_trunk_weights(trunk, load_state_dict_file(cfg.pretrained), cfg.pretrained)
             pretrained_id = f"file:{Path(cfg.pretrained).name}:{file_digest(cfg.pretrained)}"
-    feat_dim = int(getattr(trunk, "num_features"))
+    feat_dim = int(trunk.num_features)
     return Backbone(trunk, feat_dim, cfg.embedding_dim, cfg.bn_policy, name=name, pretrained_id=pretrained_id)
 
 

@@ -116,7 +116,7 @@ def load_checkpoint(path: Path, cfg: TrialConfig | None = None) -> dict[str, Any
     :class:`CheckpointError` naming the path."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decode failure is the same user error
+    except Exception as err:
         raise CheckpointError(
             f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}); delete it to start the run over."
         ) from None

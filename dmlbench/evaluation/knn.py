@@ -347,7 +347,7 @@ def _faiss() -> Any | None:
     """The faiss module, or None (with one warning per process) when it cannot be imported."""
     try:
         import faiss  # type: ignore[import-not-found]
-    except Exception as err:  # noqa: BLE001 -- ImportError, or a broken binary (missing CUDA runtime)
+    except Exception as err:
         warnings.warn(
             f"faiss cannot be imported ({err}); using torch for k-NN search instead.",
             RuntimeWarning,

@@ -123,7 +123,7 @@ def run_trial(
 
     try:
         cfg = build_trial_config({**base, "output_dir": str(output_dir)}, dict(config))
-    except Exception as err:  # noqa: BLE001 - an invalid sampled point is a failed trial, not a crash
+    except Exception as err:
         final("failed", f"{type(err).__name__}: {err}")
         return
 

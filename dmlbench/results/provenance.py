@@ -63,6 +63,6 @@ def gpu_info() -> tuple[str, int]:
 
         if torch.cuda.is_available() and torch.cuda.device_count() > 0:
             return torch.cuda.get_device_name(0), int(torch.cuda.device_count())
-    except Exception:  # noqa: BLE001 - a broken CUDA setup still means "no GPU used"
+    except Exception:
         return "cpu", 0
     return "cpu", 0

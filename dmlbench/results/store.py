@@ -129,7 +129,7 @@ def read_rows(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     for path in files:
         try:
             tables.append((path.stat().st_mtime, _read_one(path)))
-        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, never fatal
+        except Exception as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             warnings.append(f"skipped {path}: not a readable dmlbench row file ({first})")
     if not tables:
