@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import optuna
-import pytest
 
 from dmlbench.methods.diva import check_diva_config
 from dmlbench.search_spaces.loader import build_trial_config, load_space
@@ -12,14 +11,19 @@ from dmlbench.search_spaces.loader import build_trial_config, load_space
 def test_space_matches_spec_ranges() -> None:
     space = load_space("diva")
     by_name = {p.name: p for p in space.params}
-    assert set(by_name) == {"alpha", "rho", "dance_tau", "n_key_batches", "lr_milestone_frac", "lr_gamma"}
-    assert (by_name["alpha"].low, by_name["alpha"].high, by_name["alpha"].log) == (0.05, 0.5, True)
+    assert set(by_name) == {"alpha_ssl", "alpha_shared", "alpha_intra", "rho", "dance_tau", "n_key_batches",
+                            "lr_milestone_frac", "lr_gamma", "lr", "margin"}
+    for task in ("ssl", "shared", "intra"):  # one weight per auxiliary task (issue 5)
+        p = by_name[f"alpha_{task}"]
+        assert (p.low, p.high, p.log) == (0.05, 0.5, True)
+    assert (by_name["lr"].low, by_name["lr"].high, by_name["lr"].log) == (5e-6, 5e-5, True)
+    assert (by_name["margin"].low, by_name["margin"].high) == (0.1, 0.3)
     assert (by_name["rho"].low, by_name["rho"].high, by_name["rho"].log) == (50.0, 3000.0, True)
     assert tuple(by_name["dance_tau"].choices or ()) == (0.01, 0.03, 0.1)
     assert (by_name["n_key_batches"].low, by_name["n_key_batches"].high) == (10, 80)
     assert (by_name["lr_milestone_frac"].low, by_name["lr_milestone_frac"].high) == (0.15, 0.5)
     assert tuple(by_name["lr_gamma"].choices or ()) == (0.2, 0.3)
-    assert space.fixed["embedding_dim"] == 512 and space.fixed["lr"] == pytest.approx(1e-5)
+    assert space.fixed["embedding_dim"] == 512 and "lr" not in space.fixed
 
 
 def test_sampled_points_are_valid_trial_configs() -> None:
@@ -32,6 +36,8 @@ def test_sampled_points_are_valid_trial_configs() -> None:
         cfg = build_trial_config({"method": "diva", "dataset": "digits"}, {**trial.params, **fixed})
         check_diva_config(cfg)
         hp = cfg.method_params()
-        assert 0.05 <= hp.alpha <= 0.5 and 50 <= hp.rho <= 3000  # type: ignore[attr-defined, operator]
+        for task in ("ssl", "shared", "intra"):
+            assert 0.05 <= getattr(hp, f"alpha_{task}") <= 0.5
+        assert 50 <= hp.rho <= 3000 and 5e-6 <= cfg.lr <= 5e-5  # type: ignore[attr-defined, operator]
         assert cfg.embedding_dim == 512 and cfg.classes_per_batch * cfg.samples_per_class == 112
         study.tell(trial, 0.0)
