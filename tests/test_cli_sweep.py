@@ -200,3 +200,22 @@ def test_every_command_has_help() -> None:
     for cmd in ("sweep", "submit", "status"):
         res = invoke(cmd, "--help")
         assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_resume_refuses_a_changed_search_space(tmp_path: Path) -> None:
+    from dmlbench.orchestrator.sweep import check_resume, write_spec
+
+    space = tmp_path / "triplet.yaml"
+    space.write_text("method: triplet\nparams:\n  - {name: margin, type: float, low: 0.05, high: 0.5}\n")
+    spec = SweepSpec(methods=("triplet",), datasets=("digits",), output=str(tmp_path / "out"), name="s1",
+                     search_space=str(space))  # fmt: skip
+    write_spec(spec)
+    assert check_resume(spec, resume=True, force=False) == spec  # unchanged: resumes
+    unnamed = spec.model_copy(update={"name": None})
+    before_id = unnamed.sweep_id
+    space.write_text("method: triplet\nparams:\n  - {name: margin, type: float, low: 0.1, high: 0.3}\n")
+    with pytest.raises(ConfigError, match="the search space of triplet changed"):
+        check_resume(spec, resume=True, force=False)
+    assert check_resume(spec, resume=True, force=True) == spec
+    # without --name the edited space gives another sweep id: a new sweep, never mixed rows
+    assert unnamed.sweep_id != before_id

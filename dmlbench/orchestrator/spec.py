@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,8 +94,25 @@ class SweepSpec(BaseModel):
 
     # ---- identity ---------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        """The fields that determine the results (everything but where and how fast it runs)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+        """What determines the results: the spec's fields (but where and how fast it runs) and the
+        content of every search space the sweep uses (editing a YAML makes a new sweep id)."""
+        ident = {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+        ident["search_space_digests"] = self.space_digests()
+        return ident
+
+    def space_digests(self) -> dict[str, str]:
+        """``method -> sha256[:12]`` of the search-space file each method's cells use."""
+        from dmlbench.search_spaces.loader import default_space_path, load_space_file
+
+        override = None
+        if self.search_space and Path(self.search_space).is_file():
+            override = Path(self.search_space)
+            override_method = load_space_file(override).method
+        out: dict[str, str] = {}
+        for m in self.methods:
+            path = override if override is not None and override_method == m else default_space_path(m)
+            out[m] = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+        return out
 
     def spec_hash(self, length: int = 10) -> str:
         """Stable hash of :meth:`identity`.

@@ -262,8 +262,13 @@ def check_resume(spec: SweepSpec, resume: bool, force: bool) -> SweepSpec:
         if resume:
             raise DmlbenchError(f"--resume: no sweep {spec.sweep_id!r} under {str(out)!r}; drop --resume to start it.")
         return spec
-    old = SweepSpec.model_validate(json.loads(path.read_text())["spec"])
-    changes = spec.diff(old)
+    stored = json.loads(path.read_text())
+    old = SweepSpec.model_validate(stored["spec"])
+    changes = [c for c in spec.diff(old) if not c.startswith("search_space_digests:")]
+    old_digests = stored.get("search_space_digests") or {}
+    for method, digest in spec.space_digests().items():
+        if method in old_digests and old_digests[method] != digest:
+            changes.append(f"the search space of {method} changed since the sweep started")
     if changes and not force:
         raise ConfigError(
             f"sweep {spec.sweep_id!r} already exists with a different spec ({'; '.join(changes)}); "
@@ -275,8 +280,8 @@ def check_resume(spec: SweepSpec, resume: bool, force: bool) -> SweepSpec:
 def write_spec(spec: SweepSpec) -> None:
     d = sweep_dir(spec)
     d.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"sweep_id": spec.sweep_id, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json")},
-                      indent=2, sort_keys=True)  # fmt: skip
+    text = json.dumps({"sweep_id": spec.sweep_id, "spec_hash": spec.spec_hash(), "spec": spec.model_dump(mode="json"),
+                       "search_space_digests": spec.space_digests()}, indent=2, sort_keys=True)  # fmt: skip
     tmp = d / f".{SPEC_FILE}.tmp"
     tmp.write_text(text)
     os.replace(tmp, d / SPEC_FILE)
