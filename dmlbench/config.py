@@ -116,6 +116,11 @@ class TrialConfig(StrictModel):
     early_stop_metric: str = "map_at_r"
     early_stop_patience: int | None = Field(default=None, ge=1)
     early_stop_min_delta: float = Field(default=0.0, ge=0)
+    val_clustering: bool = Field(
+        default=True,
+        description="compute NMI/F1 (k-means) at every validation; off saves time on SOP-sized folds "
+        "(the test split always gets them)",
+    )
 
     # runtime
     device: str = "auto"
@@ -148,6 +153,8 @@ class TrialConfig(StrictModel):
             raise ValueError("the search phase needs a validation fold (the test split is never read in search)")
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones")
+        if not self.val_clustering and self.early_stop_metric in ("nmi", "f1"):
+            raise ValueError(f"early_stop_metric {self.early_stop_metric!r} needs val_clustering=true")
         from dmlbench.methods import METHODS
 
         METHODS.get(self.method).check_config(self)

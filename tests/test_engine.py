@@ -177,3 +177,11 @@ def test_non_finite_embeddings_are_divergence(tiny_cfg: dict[str, Any]) -> None:
             train(TrialConfig.from_dict({**tiny_cfg, "method": "nan_embed_test"}))
     finally:
         METHODS._entries.pop("nan_embed_test")
+
+
+def test_val_clustering_off_skips_kmeans_but_not_on_test(tiny_cfg: dict[str, Any]) -> None:
+    res = train(make(tiny_cfg, epochs=1, phase="final", val_clustering=False))
+    assert all("nmi" not in h and "map_at_r" in h for h in res.history)
+    assert res.test_metrics is not None and "nmi" in res.test_metrics and "f1" in res.test_metrics
+    with pytest.raises(ConfigError, match="needs val_clustering=true"):
+        make(tiny_cfg, val_clustering=False, early_stop_metric="nmi")

@@ -216,7 +216,7 @@ def embed_indices(
 
 def evaluate_indices(
     method: Method, data: TrialData, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
-    query_gallery: bool = False, step: int = 0,
+    query_gallery: bool = False, step: int = 0, clustering: bool = True,
 ) -> dict[str, float]:
     """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery).
 
@@ -233,6 +233,8 @@ def evaluate_indices(
         recall_ks=data.source.recall_ks, distance=method.eval_distance, chunk_size=cfg.eval_chunk,
         backend=cfg.knn_backend, seed=cfg.seed,
     )
+    if not clustering:
+        kwargs["metrics"] = ("map_at_r", "r_precision", "precision_at_1", "recall")
     if query_gallery and data.table.is_query is not None and data.table.is_gallery is not None:
         kwargs["query_mask"] = data.table.is_query[indices]
         kwargs["gallery_mask"] = data.table.is_gallery[indices]
@@ -540,7 +542,8 @@ class _Loop:
 
     def _validate(self) -> dict[str, float]:
         assert self.data.split.val is not None
-        return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device, step=self.step)
+        return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device, step=self.step,
+                                clustering=self.cfg.val_clustering)  # fmt: skip
 
     def _track_best(self, metrics: dict[str, float]) -> None:
         key = self.cfg.early_stop_metric
