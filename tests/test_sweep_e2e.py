@@ -157,6 +157,8 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: None, spaces: Path
         assert ("diverged" in r[schema.ERROR]) or ("boom" in r[schema.ERROR])
     for _, r in search[search[schema.STATUS] == "pruned"].iterrows():
         assert r[schema.EPOCHS] < 2
+    # every row, pruned / failed ones too, names the fold manifest it used
+    assert df[schema.SPLIT_HASH].notna().all()
     assert (out / store.LEADERBOARD).exists()
     # dmlbench status: everything done, nothing running or pending, ETA 0
     from dmlbench.orchestrator.status import eta_seconds, format_status, sweep_status

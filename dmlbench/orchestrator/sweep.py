@@ -373,10 +373,23 @@ def _row_callback(writer: _RowWriter) -> Any:
     return RowCallback()
 
 
+def _cell_split_hash(base: dict[str, Any]) -> str | None:
+    """The fold-manifest hash of a cell (the same for every trial and fold), read once here rather
+    than by every trial; None when the dataset cannot be read (the trials then fail with the reason)."""
+    from dmlbench.engine.trainer import split_hash
+    from dmlbench.search_spaces.loader import build_trial_config
+
+    try:
+        return split_hash(build_trial_config(base, {}))
+    except DmlbenchError:
+        return None
+
+
 def _trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None) -> Any:
     from ray import tune
 
-    fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn)
+    fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn,
+                              split_hash=_cell_split_hash(base))  # fmt: skip
     res: dict[str, float] = {"cpu": spec.cpus_per_trial}
     if spec.gpus_per_trial > 0:
         res["gpu"] = spec.gpus_per_trial

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dmlbench.errors import Diverged, DmlbenchError
+from dmlbench.errors import Diverged
 
 STATUS_KEY = "dmlbench_status"
 BEST_KEY = "dmlbench_best"
@@ -90,6 +90,7 @@ def run_trial(
     base: dict[str, Any],
     metric: str,
     train_fn: TrainFn | None = None,
+    split_hash: str | None = None,
 ) -> None:
     """Tune function trainable: one trial of one cell (search or final phase).
 
@@ -98,6 +99,8 @@ def run_trial(
         base: the cell's TrialConfig defaults (method, dataset, backbone, phase, fold, ...).
         metric: the validation metric the searcher and ASHA read.
         train_fn: ``train(cfg, report)``; default :func:`dmlbench.engine.train`.
+        split_hash: the cell's fold-manifest hash, computed once by the driver (every report
+            carries it, so pruned trials' rows have it too).
     """
     from ray import tune
 
@@ -118,6 +121,7 @@ def run_trial(
                 ERROR_KEY: error or "",
                 BEST_KEY: json.dumps(best),
                 SUMMARY_KEY: json.dumps(summary or {"wall_time_s": time.time() - t0}),
+                SPLIT_HASH_KEY: split_hash or "",
             }
         )
 
@@ -129,12 +133,6 @@ def run_trial(
 
     if train_fn is None:
         from dmlbench.engine import train as train_fn
-    try:
-        from dmlbench.engine.trainer import split_hash
-
-        shash: str | None = split_hash(cfg)
-    except DmlbenchError:
-        shash = None  # the engine raises the same problem with its own message
 
     restore_checkpoint(output_dir)
 
@@ -145,7 +143,7 @@ def run_trial(
             best.update(clean)
             best["epoch"] = float(epoch)
         payload: dict[str, Any] = {**clean, EPOCH_KEY: epoch, BEST_KEY: json.dumps(best), STATUS_KEY: "running",
-                                   SPLIT_HASH_KEY: shash or ""}
+                                   SPLIT_HASH_KEY: split_hash or ""}
         if epoch < cfg.epochs:
             # ASHA's time attribute; left out of the last epoch's report so the scheduler never stops
             # a trial that already trained fully (it then sends its final report and is "complete")
