@@ -86,15 +86,17 @@ def worker(side: str, folder: Path, distance: str, chunk: int) -> dict[str, obje
         calc = AccuracyCalculator(include=tuple(PML_NAMES), k="max_bin_count", device=torch.device("cpu"))
         query = torch.nn.functional.normalize(emb, dim=1) if distance == "cosine" else emb
         values = {PML_NAMES[k]: float(v) for k, v in calc.get_accuracy(query, labels).items()}
-    elif side == "matmul":
+    elif side == "matmul":  # the bare product X @ X.T, [N, N] float32 in one call
+        if emb.shape[0] > 40_000:
+            raise SystemExit("the one-call floor needs N <= 40,000 (an [N, N] float32 result)")
+        torch.mm(emb, emb.T)
+        values = {}
+    elif side == "matmul-chunked":  # the same flops into one reused [chunk, N] buffer
         n = emb.shape[0]
-        if n <= 40_000:  # the bare product, [N, N] float32 in one call
-            torch.mm(emb, emb.T)
-        else:  # too big to hold: the same flops into one reused [chunk, N] buffer
-            out = torch.empty(chunk, n)
-            for s in range(0, n, chunk):
-                e = min(s + chunk, n)
-                torch.mm(emb[s:e], emb.T, out=out[: e - s])
+        out = torch.empty(min(chunk, n), n)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            torch.mm(emb[s:e], emb.T, out=out[: e - s])
         values = {}
     else:
         raise ValueError(side)
@@ -136,7 +138,8 @@ def main() -> None:
     emb, labels = make_data(args.n, args.dim, args.classes, args.seed, args.distance)
     print(f"{args.n} x {args.dim} embeddings, {args.classes} classes, {args.distance}; "
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
-    sides = ["matmul", "dmlbench"] + ([] if args.skip_pml else ["pml"])
+    floors = ["matmul-chunked"] + (["matmul"] if args.n <= 40_000 else [])
+    sides = floors + ["dmlbench"] + ([] if args.skip_pml else ["pml"])
     best: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -145,17 +148,20 @@ def main() -> None:
         for _ in range(args.repeats):
             for side in sides:
                 res = run_side(side, folder, args.distance, args.chunk)
-                print(f"  {side:9s} wall {res['seconds']:8.2f} s   cpu {res['cpu_seconds']:8.2f} s   "
+                print(f"  {side:14s} wall {res['seconds']:8.2f} s   cpu {res['cpu_seconds']:8.2f} s   "
                       f"peak +{res['peak_mib']:8.0f} MiB")
                 if side not in best or float(res["seconds"]) < float(best[side]["seconds"]):  # type: ignore[arg-type]
                     best[side] = res
 
     ours = best["dmlbench"]
-    floor = float(best["matmul"]["seconds"])  # type: ignore[arg-type]
-    t_ours = float(ours["seconds"])  # type: ignore[arg-type]
-    cpu_floor, cpu_ours = float(best["matmul"]["cpu_seconds"]), float(ours["cpu_seconds"])  # type: ignore[arg-type]
+    t_ours, cpu_ours = float(ours["seconds"]), float(ours["cpu_seconds"])  # type: ignore[arg-type]
     print(f"dmlbench: {json.dumps(ours['values'])}")
-    print(f"dmlbench / matmul floor: wall {t_ours / floor:.2f}x, cpu {cpu_ours / cpu_floor:.2f}x  (target <= 1.5x)")
+    # "matmul": the one bare X @ X.T the issue names; "matmul-chunked": the same flops without the
+    # page faults of a fresh [N, N] result, often faster, so the stricter floor
+    for floor in floors:
+        t_floor, cpu_floor = float(best[floor]["seconds"]), float(best[floor]["cpu_seconds"])  # type: ignore[arg-type]
+        print(f"dmlbench / {floor} floor: wall {t_ours / t_floor:.2f}x, cpu {cpu_ours / cpu_floor:.2f}x  "
+              "(target <= 1.5x)")
     if "pml" in best:
         theirs = best["pml"]
         print(f"PML     : {json.dumps(theirs['values'])}")

@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from dmlbench.evaluation import knn as knn_mod
-from dmlbench.evaluation.knn import iter_knn, knn, merge_topk, sort_pairs_desc, topk_desc
+from dmlbench.evaluation.knn import (
+    group_size,
+    iter_knn,
+    knn,
+    merge_topk,
+    sort_pairs_desc,
+    topk_desc,
+    topk_grouped,
+)
 
 
 def brute_force(
@@ -72,6 +80,36 @@ def test_topk_desc_matches_stable_sort_on_many_ties() -> None:
         assert torch.equal(v, ref.values[:, :k])
 
 
+@pytest.mark.parametrize("group", [2, 3, 7])
+@pytest.mark.parametrize("k", [1, 9, 40])
+def test_topk_grouped_equals_topk_desc(group: int, k: int) -> None:
+    g = torch.Generator().manual_seed(group * 100 + k)
+    width = group * 60
+    cases = {
+        "random": torch.randn(64, width, generator=g),
+        "many ties": torch.randint(0, 5, (64, width), generator=g).float(),  # group maxima tie often
+        "few ties": torch.randint(0, 400, (64, width), generator=g).float(),
+        "constant": torch.zeros(4, width),
+    }
+    with_inf = torch.randn(16, width, generator=g)
+    with_inf[:, ::5] = float("-inf")
+    cases["-inf columns"] = with_inf
+    for name, scores in cases.items():
+        v, i = topk_grouped(scores, k, group)
+        ref = torch.sort(scores, dim=1, descending=True, stable=True)  # ties: lower column first
+        assert torch.equal(i, ref.indices[:, :k]), name
+        assert torch.equal(v, ref.values[:, :k]), name
+
+
+def test_topk_grouped_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        topk_grouped(torch.zeros(2, 10), 2, 3)
+    with pytest.raises(ValueError, match="more than k"):
+        topk_grouped(torch.zeros(2, 10), 5, 2)
+    assert group_size(1000, 199) == 0 and group_size(20_000, 0) == 0
+    assert group_size(20_000, 199) == 10
+
+
 def test_sort_pairs_and_merge() -> None:
     _, i = sort_pairs_desc(torch.tensor([[0.5, 0.9, 0.5, 0.5]]), torch.tensor([[7, 3, 2, 9]]))
     assert i.tolist() == [[3, 2, 7, 9]]
@@ -95,6 +133,33 @@ def test_self_knn_with_exact_ties_matches_brute_force(backend: str, chunk_size: 
     np.testing.assert_array_equal(got.indices.numpy(), want)
     sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     np.testing.assert_array_equal(got.scores.numpy(), -sq.gather(1, got.indices).numpy())
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_grouped_top_k_path_matches_brute_force(distance: str) -> None:
+    # wide enough rows (400 >= 16 (k + 1)) for the grouped top-k; 400 is not a multiple of the
+    # group size, so the padded columns are exercised too; for euclidean, small integers give
+    # exact ties (normalised for cosine they would round differently in float32 and float64)
+    if distance == "euclidean":
+        x = integer_data(400, 4, seed=5, high=4)
+    else:
+        x = torch.randn(400, 6, generator=torch.Generator().manual_seed(5))
+    k = 10
+    assert group_size(400, k) == 6
+    want = brute_force(x.numpy(), x.numpy(), k, distance, exclude=list(range(len(x))))
+    for chunk_size in (64, 400):
+        got = knn(x, None, k, distance=distance, chunk_size=chunk_size)
+        np.testing.assert_array_equal(got.indices.numpy(), want)
+    if distance == "euclidean":  # scores are exact here: -|q - r|²
+        sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        np.testing.assert_array_equal(got.scores.numpy(), -sq.gather(1, got.indices).numpy())
+    # explicit reference set with one excluded item per query, grouped too
+    q, r = x[:50], x[50:]
+    exclude = torch.full((50,), -1, dtype=torch.long)
+    exclude[::3] = torch.arange(0, 50, 3)
+    got = knn(q, r, k, distance=distance, exclude=exclude, chunk_size=16)
+    want = brute_force(q.numpy(), r.numpy(), k, distance, exclude=exclude.tolist())
+    np.testing.assert_array_equal(got.indices.numpy(), want)
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
