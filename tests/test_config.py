@@ -87,3 +87,13 @@ def test_alternative_params_later_layer_wins() -> None:
     assert over.params["pool_size"] == 4 and over.params["pool_ratio"] is None
     with pytest.raises(ConfigError, match="not both"):  # both in one layer is still an error
         TrialConfig.from_dict({"method": "ccp", "dataset": "digits", "params": {"pool_size": 4, "pool_ratio": 2.0}})
+
+
+def test_large_benchmark_presets_skip_validation_clustering() -> None:
+    from dmlbench.engine.resolve import layered_config
+
+    # thousands of classes per SOP / In-Shop fold: no k-means at every validation by default
+    assert not layered_config("proxyanchor", "sop").val_clustering
+    assert not layered_config("proxyanchor", "inshop").val_clustering
+    assert layered_config("proxyanchor", "sop", overrides=["val_clustering=true"]).val_clustering
+    assert layered_config("proxyanchor", "cub200").val_clustering
