@@ -74,7 +74,7 @@ def test_build_scales_head_and_initialises_proxies() -> None:
     assert torch.allclose(method.backbone.head.weight, plain.head.weight * 7.0)
     assert torch.equal(method.backbone.head.bias, plain.head.bias)  # the bias is untouched (spec §1.1)
     assert torch.equal(method.kappa_raw, torch.full((4, 16), 3.0))
-    assert float(method.temperature()) == pytest.approx(0.1)
+    assert float(method.temperature().detach()) == pytest.approx(0.1)
     assert tuple(method.proxy_v.shape) == (4, 16)
 
 
@@ -236,3 +236,19 @@ def test_configure_scheduler_milestone_fraction() -> None:
         sched.step()
     assert lrs == [1.0, 1.0, 0.5, 0.5]
     assert build(make_cfg()).configure_scheduler(opt, 8) is None
+
+
+def test_eval_embeddings_are_normalised_cosine_and_raw_euclidean() -> None:
+    m = build(make_cfg()).eval()
+    images = batch().images
+    with torch.no_grad():
+        out = m.embed_for_eval(images)
+        raw = m.backbone(images).float()
+    assert set(out) == {"", "euclidean_raw"}
+    torch.testing.assert_close(out[""], torch.nn.functional.normalize(raw, dim=-1))
+    torch.testing.assert_close(out["euclidean_raw"], raw)
+    assert float(raw.norm(dim=1).std()) > 0  # the raw norms differ: euclidean is a different ranking
+    assert m.eval_distances == {"euclidean_raw": "euclidean"} and m.eval_distance == "cosine"
+    off = build(make_cfg({"eval_euclidean_raw": False})).eval()
+    with torch.no_grad():
+        assert set(off.embed_for_eval(images)) == {""}

@@ -23,4 +23,7 @@ def test_nivmf_digits_beats_untrained_map_at_r() -> None:
     assert final["map_at_r"] > untrained + 0.02, (untrained, final["map_at_r"])
     assert math.isfinite(final["loss"]) and final["temp"] > 0
     assert final["img_kappa_mean"] > 0  # the image concentration (embedding norm) is logged
+    # the raw embedding is also scored by euclidean distance (spec §3), with its own values
+    assert 0 < final["euclidean_raw/map_at_r"] <= 1 and 0 < final["euclidean_raw/recall_at_1"] <= 1
+    assert final["euclidean_raw/map_at_r"] != final["map_at_r"]
     assert result.epochs_run == 4 and result.steps == 48

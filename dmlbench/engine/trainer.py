@@ -240,7 +240,8 @@ def evaluate_indices(
         kwargs["gallery_mask"] = data.table.is_gallery[indices]
     metrics: dict[str, float] = {}
     for key, emb in embs.items():
-        res = evaluate_embeddings(emb, labels, **kwargs)
+        distance = method.eval_distances.get(key, method.eval_distance)
+        res = evaluate_embeddings(emb, labels, **{**kwargs, "distance": distance})
         prefix = f"{key}/" if key else ""
         metrics.update({f"{prefix}{k}": float(v) for k, v in res.items()})
     return metrics

@@ -121,6 +121,9 @@ class Method(nn.Module):
     #: how evaluation compares embeddings: "cosine" (L2-normalised, inner product) or
     #: "euclidean" (raw L2 distance; CCP's unit-ball embeddings)
     eval_distance: ClassVar[str] = "cosine"
+    #: distance of extra ``embed_for_eval`` keys that are not compared by ``eval_distance``
+    #: (nivMF: ``{"euclidean_raw": "euclidean"}``)
+    eval_distances: ClassVar[dict[str, str]] = {}
     #: groups of alternative parameters (e.g. CCP's pool_size / pool_ratio): when a later
     #: configuration layer sets one of a group, the others set by earlier layers are dropped
     exclusive_params: ClassVar[tuple[tuple[str, ...], ...]] = ()

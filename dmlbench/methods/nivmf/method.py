@@ -57,6 +57,10 @@ class NivmfParams(MethodParams):
         default=None, gt=0, lt=1, description="MultiStepLR milestone as a fraction of epochs; None: the trial's schedule"
     )
     lr_gamma: float = Field(default=0.3, gt=0, le=1, description="decay factor at lr_milestone_frac")
+    eval_euclidean_raw: bool = Field(
+        default=True, description="also score the raw (unnormalised) embedding by euclidean distance, "
+        "logged as euclidean_raw/<metric> (spec §3: its norm carries the image's certainty)"
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> NivmfParams:
@@ -124,6 +128,7 @@ class Nivmf(Method):
     name = "nivmf"
     Params = NivmfParams
     eval_distance = "cosine"
+    eval_distances = {"euclidean_raw": "euclidean"}
 
     def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
         super().__init__(cfg, backbone, num_classes)
@@ -219,6 +224,14 @@ class Nivmf(Method):
     def embed(self, images: Tensor) -> Tensor:
         """The normalised embedding (the image vMF's mode), compared by cosine."""
         return nn.functional.normalize(self.backbone(images).float(), dim=-1)
+
+    def embed_for_eval(self, images: Tensor) -> dict[str, Tensor]:
+        """The primary normalised embedding, plus the raw one for euclidean scoring (one forward)."""
+        raw = self.backbone(images).float()
+        out = {"": nn.functional.normalize(raw, dim=-1)}
+        if self.params.eval_euclidean_raw:
+            out["euclidean_raw"] = raw
+        return out
 
     def configure_scheduler(
         self, optimizer: torch.optim.Optimizer, epochs: int
