@@ -269,14 +269,14 @@ class Nivmf(Method):
 
     def on_step_end(self, ctx: TrainContext) -> None:
         """A raw temperature that reached T ≤ 0 (nothing bounds it, spec P3) is a divergence."""
-        t = float(self.temperature())
+        t = float(self.temperature().detach())
         if not t > 0 or not math.isfinite(t):
             raise Diverged(ctx.step, float("nan"), {"temp": t})
 
     def on_epoch_end(self, ctx: TrainContext) -> dict[str, float]:
         k = torch.clamp(self.kappa_raw.detach(), min=self.params.kappa_min)
         return {
-            "temp": float(self.temperature()),
+            "temp": float(self.temperature().detach()),
             "proxy_kappa_mean": float(k.mean()),
             "proxy_kappa_dead_frac": float((self.kappa_raw.detach() < self.params.kappa_min).float().mean()),
         }
