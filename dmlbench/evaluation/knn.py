@@ -3,7 +3,10 @@
 Scores are similarities (higher = closer):
 
 * ``"cosine"``: inner product after L2-normalising queries and references;
-* ``"euclidean"``: negative squared L2 distance ``-(|q|² + |r|² - 2 q·r)``.
+* ``"euclidean"``: negative squared L2 distance ``-(|q|² + |r|² - 2 q·r)``. The torch path ranks
+  a query's neighbours by ``2 q·r - |r|²`` (the query's ``|q|²`` is the same for the whole row)
+  and subtracts ``|q|²`` from the kept scores only; in float32 that subtraction can round two
+  different ranking scores to one returned value, which then keeps the ranking's order.
 
 **Ordering and ties.** Neighbours are ordered by score, highest first; equal scores are ordered by
 reference index, lowest first. The order is exact: :func:`topk_desc` detects rows where the k-th
