@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 METRICS = ("precision_at_1", "r_precision", "map_at_r")
+ONE_CALL_MAX_N = 40_000  # the one-call floor holds an [N, N] float32 result
 PML_NAMES = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
              "mean_average_precision_at_r": "map_at_r"}
 
@@ -87,8 +88,8 @@ def worker(side: str, folder: Path, distance: str, chunk: int) -> dict[str, obje
         query = torch.nn.functional.normalize(emb, dim=1) if distance == "cosine" else emb
         values = {PML_NAMES[k]: float(v) for k, v in calc.get_accuracy(query, labels).items()}
     elif side == "matmul":  # the bare product X @ X.T, [N, N] float32 in one call
-        if emb.shape[0] > 40_000:
-            raise SystemExit("the one-call floor needs N <= 40,000 (an [N, N] float32 result)")
+        if emb.shape[0] > ONE_CALL_MAX_N:
+            raise SystemExit(f"the one-call floor needs N <= {ONE_CALL_MAX_N:,} (an [N, N] float32 result)")
         torch.mm(emb, emb.T)
         values = {}
     elif side == "matmul-chunked":  # the same flops into one reused [chunk, N] buffer
@@ -138,7 +139,7 @@ def main() -> None:
     emb, labels = make_data(args.n, args.dim, args.classes, args.seed, args.distance)
     print(f"{args.n} x {args.dim} embeddings, {args.classes} classes, {args.distance}; "
           f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
-    floors = ["matmul-chunked"] + (["matmul"] if args.n <= 40_000 else [])
+    floors = ["matmul-chunked"] + (["matmul"] if args.n <= ONE_CALL_MAX_N else [])
     sides = floors + ["dmlbench"] + ([] if args.skip_pml else ["pml"])
     best: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory() as tmp:

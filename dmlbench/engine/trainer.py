@@ -230,8 +230,7 @@ def evaluate_indices(
             raise Diverged(step, float("nan"), {f"non-finite {key or 'primary'} embeddings": float("nan")})
     labels = data.table.labels[indices]
     kwargs: dict[str, Any] = dict(
-        recall_ks=data.source.recall_ks, distance=method.eval_distance, chunk_size=cfg.eval_chunk,
-        backend=cfg.knn_backend, seed=cfg.seed,
+        recall_ks=data.source.recall_ks, chunk_size=cfg.eval_chunk, backend=cfg.knn_backend, seed=cfg.seed,
     )
     if not clustering:
         kwargs["metrics"] = ("map_at_r", "r_precision", "precision_at_1", "recall")
@@ -241,7 +240,7 @@ def evaluate_indices(
     metrics: dict[str, float] = {}
     for key, emb in embs.items():
         distance = method.eval_distances.get(key, method.eval_distance)
-        res = evaluate_embeddings(emb, labels, **{**kwargs, "distance": distance})
+        res = evaluate_embeddings(emb, labels, distance=distance, **kwargs)
         prefix = f"{key}/" if key else ""
         metrics.update({f"{prefix}{k}": float(v) for k, v in res.items()})
     return metrics
