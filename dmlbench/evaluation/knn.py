@@ -25,14 +25,15 @@ separate reference set, ``exclude[i]`` names one reference position to skip for 
 (``-1``: none), for query/gallery splits that overlap.
 
 **Backends.** ``"torch"`` runs on whatever device the tensors are on: one ``[chunk, M]``
-similarity block per query chunk, then an exact top-k. With ``symmetric=True`` (query =
-reference only) it exploits symmetry instead: strips ``S[s:e, s:]`` are computed once and feed
-the top-k of both their rows and their columns, halving the matrix products, with a running
-top-k (``N × k`` numbers) for rows not finished yet. On the 2-core CPU of docs/evaluation.md
-that was slower (top-k selection, not the matmul, dominates there), so it is opt-in. ``"faiss"`` uses ``IndexFlatIP`` /
-``IndexFlatL2`` (on GPU when the tensors are on CUDA and faiss was built with GPU support); when
-faiss cannot be imported it warns once and uses torch. ``"auto"`` is torch: on the 2-core CPU box
-of ``docs/evaluation.md`` it took half the CPU time of faiss's flat index at k ≈ 200.
+similarity block per query chunk, then an exact top-k. When the query set is the reference set,
+on CPU, it computes each similarity once instead (``symmetric``, automatic from
+``SYMMETRIC_MIN_N`` queries): square tiles on and above the diagonal, each offered to the
+neighbour lists of its rows and of its columns by numba kernels that keep a per-query reservoir
+of candidates behind a rising bar (:mod:`dmlbench.evaluation._selfknn_kernels`). That halves the
+matmul and replaces ``torch.topk`` with a mostly branch-free scan. ``"faiss"`` uses
+``IndexFlatIP`` / ``IndexFlatL2`` (on GPU when the tensors are on CUDA and faiss was built with
+GPU support); when faiss cannot be imported it warns once and uses torch. ``"auto"`` is torch.
+Timings: ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ Backend = Literal["auto", "torch", "faiss"]
 DISTANCES: tuple[str, ...] = ("cosine", "euclidean")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 FAISS_GPU_MAX_K = 2048  # faiss GPU's largest k (faiss/gpu/utils/DeviceDefs.cuh)
-_MERGE_ROWS = 8192  # rows per slice when merging column candidates into the running top-k
+SYMMETRIC_MIN_N = 8192  # auto: the symmetric CPU path from this many queries on (its kernels compile once)
+_TILE = 1024  # side of the symmetric path's square tiles
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def _order_ties(values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     return values, ids
 
 
-def topk_desc(scores: Tensor, k: int, offset: int = 0, order_ties: bool = True) -> tuple[Tensor, Tensor]:
+def topk_desc(scores: Tensor, k: int, offset: int = 0) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` of each row: highest score first, equal scores by lower column first.
 
     ``torch.topk`` leaves the order of equal values unspecified; this asks it for ``k + 1``
@@ -142,8 +144,6 @@ def topk_desc(scores: Tensor, k: int, offset: int = 0, order_ties: bool = True) 
         scores: ``[B, m]`` scores (NaN-free).
         k: how many to keep, ``0 <= k <= m``.
         offset: added to the returned column indices (the block's first reference position).
-        order_ties: order equal scores inside the kept ``k`` by column. Without it the kept set
-            is still exact and the values sorted, which is all a running top-k needs.
 
     Returns:
         ``(values, indices)``, both ``[B, k]``; indices are int64 columns plus ``offset``.
@@ -176,78 +176,8 @@ def topk_desc(scores: Tensor, k: int, offset: int = 0, order_ties: bool = True) 
             pos = above[r_local] + rank[r_local, cols] - 1
             indices[rows[r_local], pos] = cols
             # slots before `above` keep topk's items (all > vk); tied slots now hold the lowest columns
-    if order_ties:
-        values, indices = _order_ties(values, indices)
+    values, indices = _order_ties(values, indices)
     return values, indices + offset
-
-
-def merge_topk(
-    a: tuple[Tensor, Tensor] | None, b: tuple[Tensor, Tensor], k: int, order_ties: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Merge two candidate lists (scores, ids) per row and keep the best ``k``, exactly.
-
-    Same order as :func:`topk_desc` (score desc, id asc; ``order_ties=False`` leaves runs of
-    equal scores unordered but the kept set exact); the ids of one row must be distinct.
-
-    Example:
-        >>> a = (torch.tensor([[0.9, 0.1]]), torch.tensor([[4, 0]]))
-        >>> b = (torch.tensor([[0.9, 0.5]]), torch.tensor([[1, 9]]))
-        >>> merge_topk(a, b, 3)[1].tolist()
-        [[1, 4, 9]]
-    """
-    if a is None:
-        scores, ids = b
-    else:
-        scores, ids = torch.cat([a[0], b[0]], dim=1), torch.cat([a[1], b[1]], dim=1)
-    m = scores.shape[1]
-    if m <= k or k == 0:
-        scores, ids = sort_pairs_desc(scores, ids)
-        return scores[:, :k], ids[:, :k]
-    kk = min(k + 1, m)
-    top, pos = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
-    top_ids = ids.gather(1, pos)
-    if kk > k:
-        across_cut = top[:, k - 1] == top[:, k]
-        if bool(across_cut.any()):
-            rows = torch.nonzero(across_cut).squeeze(1)
-            fs, fi = sort_pairs_desc(scores[rows], ids[rows])
-            top, top_ids = top.clone(), top_ids.clone()
-            top[rows, :k], top_ids[rows, :k] = fs[:, :k], fi[:, :k]
-        top, top_ids = top[:, :k], top_ids[:, :k]
-    return _order_ties(top, top_ids) if order_ties else (top, top_ids)
-
-
-def topk_above(
-    scores: Tensor, threshold: Tensor, k: int, offset: int, pad_id: int, order_ties: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` per row among the scores strictly above the row's ``threshold``.
-
-    Used with the k-th score of a running top-k whose ids are all lower than this block's: a
-    score that does not beat it can never enter (an equal score loses on the id), so only the
-    survivors need sorting. Rows with fewer survivors are padded with ``(-inf, pad_id)``. When
-    a threshold is infinite or more than a quarter of the block survives, it is a plain
-    :func:`topk_desc` (which may also return scores at or below the threshold; merging drops them).
-
-    Example:
-        >>> scores = torch.tensor([[0.125, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0]])
-        >>> v, i = topk_above(scores, torch.tensor([0.6]), 3, 10, -1)
-        >>> v.tolist(), i.tolist()
-        ([[0.75]], [[11]])
-    """
-    if scores.numel() == 0 or bool(torch.isinf(threshold).any()):  # a running top-k not full yet
-        return topk_desc(scores, k, offset, order_ties)
-    rows, cols = torch.nonzero(scores > threshold[:, None], as_tuple=True)  # grouped by row
-    if len(rows) * 4 > scores.numel():
-        return topk_desc(scores, k, offset, order_ties)
-    counts = torch.bincount(rows, minlength=scores.shape[0])  # (a bool row-sum is slow on CPU)
-    cap = int(counts.max())
-    start = torch.cumsum(counts, dim=0) - counts
-    pos = torch.arange(len(rows), device=scores.device) - start[rows]
-    values = torch.full((scores.shape[0], cap), float("-inf"), dtype=scores.dtype, device=scores.device)
-    ids = torch.full((scores.shape[0], cap), pad_id, dtype=torch.long, device=scores.device)
-    values[rows, pos] = scores[rows, cols]
-    ids[rows, pos] = cols + offset
-    return merge_topk(None, (values, ids), min(k, cap), order_ties)
 
 
 def group_size(width: int, k: int) -> int:
@@ -345,45 +275,6 @@ def similarity_block(q: Tensor, r: Tensor, distance: str, q_sq: Tensor | None = 
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_self_symmetric(x: Tensor, k: int, distance: str, chunk_size: int) -> Iterator[KnnChunk]:
-    """Query = reference, self excluded, each similarity computed once.
-
-    Strip ``i`` computes ``S = X[s:e] @ X[s:].T`` (the upper part only). Its rows give the
-    candidates ``j ≥ s`` of queries ``s:e``, which are then complete (candidates ``j < s`` came
-    from earlier strips); its columns ``j ≥ e`` give candidates ``s:e`` to later queries, merged
-    into a running ``[N, k]`` top-k.
-    """
-    n = x.shape[0]
-    if k == 0:
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            yield KnnChunk(s, e, x.new_empty((e - s, 0)), torch.empty((e - s, 0), dtype=torch.long, device=x.device))
-        return
-    sq = (x * x).sum(1) if distance == "euclidean" else None
-    # running top-k of candidates from earlier strips; placeholders score -inf with id n
-    pend_v = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)
-    pend_i = torch.full((n, k), n, dtype=torch.long, device=x.device)
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        block = similarity_block(x[s:e], x[s:], distance, None if sq is None else sq[s:e],
-                                 None if sq is None else sq[s:])
-        block[:, : e - s].fill_diagonal_(float("-inf"))
-        # every pending id is lower than this strip's, so only scores above the k-th count
-        # (runs of equal scores are ordered by id once, at the end: sets and values suffice before)
-        rows = topk_above(block, pend_v[s:e, k - 1], min(k, n - s - 1), s, n, order_ties=False)
-        best_v, best_i = merge_topk((pend_v[s:e], pend_i[s:e]), rows, k)
-        if e < n:
-            cv, ci = topk_above(block[:, e - s:].T, pend_v[e:, k - 1], min(k, e - s), s, n, order_ties=False)
-            step = max(chunk_size, _MERGE_ROWS)  # merge in slices: transient memory O(step × k)
-            for t in range(e, n, step):
-                u = min(t + step, n)
-                pend_v[t:u], pend_i[t:u] = merge_topk(
-                    (pend_v[t:u], pend_i[t:u]), (cv[t - e:u - e], ci[t - e:u - e]), k, order_ties=False
-                )
-        del block
-        yield KnnChunk(s, e, best_v, best_i)
-
-
 def _torch_chunks(q: Tensor, r: Tensor, k: int, distance: str, chunk_size: int,
                   exclude: Tensor | None) -> Iterator[KnnChunk]:
     """One ``[chunk, M]`` similarity block per query chunk, then an exact top-k of its rows.
@@ -421,6 +312,96 @@ def _torch_chunks(q: Tensor, r: Tensor, k: int, distance: str, chunk_size: int,
             values = values - (q[s:e] * q[s:e]).sum(1, keepdim=True)
         yield KnnChunk(s, e, values, indices)
     del buffer
+
+
+# --------------------------------------------------------------------------------------------
+# symmetric self k-NN (CPU, numba selection kernels)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any | None:
+    """The numba selection kernels, or None (with one warning per process) without numba."""
+    try:
+        from dmlbench.evaluation import _selfknn_kernels
+    except Exception as err:
+        warnings.warn(
+            f"numba cannot be imported ({err}); self k-NN on CPU forms every similarity twice "
+            "instead of once (same results, slower). Reinstall dmlbench's dependencies to fix it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _selfknn_kernels
+
+
+def symmetric_available() -> bool:
+    """Whether the symmetric CPU path can run (numba imports; warns once when it cannot)."""
+    return _kernels() is not None
+
+
+def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any) -> Iterator[KnnChunk]:
+    """Query = reference on CPU, self excluded, each similarity computed once.
+
+    The matrix is cut into square tiles of side ``min(chunk_size, 1024)``; only tiles on or
+    above the diagonal are computed (``torch.mm``, raw dot products). A diagonal tile seeds the
+    reservoirs of its rows (``init_rows``); every other tile ``(i, j)`` is offered to its rows
+    (queries of block ``i``, candidates of block ``j``) and to its columns (queries of block
+    ``j``, candidates of block ``i``) without being transposed. Row block ``i`` is complete once
+    its own row of tiles is done, because the tiles above it were done earlier; it is then
+    reduced to its best ``k`` and yielded. See :mod:`dmlbench.evaluation._selfknn_kernels`.
+    """
+    import numba
+
+    n = x.shape[0]
+    side = max(1, min(chunk_size, _TILE))
+    if k == 0:
+        for s in range(0, n, side):
+            e = min(s + side, n)
+            yield KnnChunk(s, e, x.new_empty((e - s, 0)), torch.empty((e - s, 0), dtype=torch.long))
+        return
+    x = x.contiguous()
+    sq = (x * x).sum(1) if distance == "euclidean" else None
+    bias = np.zeros(n, dtype=np.float32) if sq is None else sq.numpy()
+    alpha = np.float32(2.0 if distance == "euclidean" else 1.0)
+    cap = k + max(k // 2, 16)  # reservoir: every cap - k survivors cost one quickselect of cap
+    bv = np.empty((n, cap), dtype=np.float32)
+    bi = np.empty((n, cap), dtype=np.int32)
+    cnt = np.zeros(n, dtype=np.int32)
+    tv = np.full(n, -np.inf, dtype=np.float32)
+    ti = np.full(n, n, dtype=np.int32)
+    flat = torch.empty(side * min(side, n), dtype=x.dtype)
+
+    def tile(s: int, e: int, t: int, u: int) -> np.ndarray:
+        out = flat[: (e - s) * (u - t)].view(e - s, u - t)  # contiguous, whatever its shape
+        torch.mm(x[s:e], x[t:u].T, out=out)
+        return out.numpy()
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        for s in range(0, n, side):
+            e = min(s + side, n)
+            kern.init_rows(tile(s, e, s, e), s, bias, alpha, bv, bi, cnt, tv, ti, k)
+        parts = numba.get_num_threads()
+        for s in range(0, n, side):
+            e = min(s + side, n)
+            for t in range(e, n, side):
+                u = min(t + side, n)
+                block = tile(s, e, t, u)
+                kern.push_rows(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k)
+                kern.push_cols(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k, parts)
+            kern.finish_rows(bv, bi, cnt, k, s, e)
+            if (cnt[s:e] < k).any():
+                raise ValueError("the embeddings give non-finite (NaN) similarities; k-NN needs finite embeddings")
+            values, ids = np.empty((e - s, k), dtype=np.float32), np.empty((e - s, k), dtype=np.int64)
+            kern.sorted_rows(bv, bi, k, s, e, values, ids)
+            values, ids = torch.from_numpy(values), torch.from_numpy(ids)
+            if sq is not None:
+                values = values - sq[s:e, None]
+            yield KnnChunk(s, e, values, ids)
+    finally:
+        numba.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,7 +492,7 @@ def iter_knn(
     exclude: Tensor | None = None,
     chunk_size: int = 4096,
     backend: str = "auto",
-    symmetric: bool = False,
+    symmetric: bool | None = None,
 ) -> Iterator[KnnChunk]:
     """Exact k-NN of each query, yielded chunk by chunk (in query order).
 
@@ -526,9 +507,11 @@ def iter_knn(
             explicit ``reference``.
         chunk_size: queries per chunk; memory is ``O(chunk_size × M)``.
         backend: ``"auto"`` (= torch), ``"torch"`` or ``"faiss"``.
-        symmetric: with ``reference=None`` and torch, compute each similarity once (upper
-            strips, see the module doc). Same result; off by default because on CPU the extra
-            top-k bookkeeping cost more than the halved matmul saved (docs/evaluation.md).
+        symmetric: with ``reference=None`` on CPU, compute each similarity once (square tiles
+            above the diagonal, numba selection kernels; see the module doc). ``None`` (default):
+            when it pays, i.e. float32 embeddings, at least ``SYMMETRIC_MIN_N`` queries and not
+            the faiss backend. ``True``: always (an error where it cannot run). ``False``: never.
+            Chunks are then at most 1024 queries.
 
     Yields:
         :class:`KnnChunk` per block of queries, scores highest first, ties by lower position.
@@ -563,12 +546,24 @@ def iter_knn(
     if exclude is not None and exclude.shape != (q.shape[0],):
         raise ValueError(f"exclude must have one entry per query ({q.shape[0]}), got {tuple(exclude.shape)}")
 
+    if symmetric:
+        where = ("a reference set was given" if not self_mode else "the embeddings are not on the CPU"
+                 if q.device.type != "cpu" else "the faiss backend was asked for" if backend == "faiss"
+                 else "the embeddings are float64" if q.dtype != torch.float32 else None)
+        if where is not None:
+            raise ValueError(f"symmetric k-NN needs float32 CPU embeddings searched against themselves, but {where}; "
+                             "pass symmetric=None to choose automatically")
+        if not symmetric_available():
+            raise ValueError("symmetric k-NN needs numba, which cannot be imported; install it (pip install numba)")
+    elif symmetric is None:
+        symmetric = (self_mode and backend != "faiss" and q.device.type == "cpu" and q.dtype == torch.float32
+                     and q.shape[0] >= SYMMETRIC_MIN_N and k > 0 and symmetric_available())
     faiss = _faiss() if backend == "faiss" else None
     if faiss is not None:
         ex = torch.arange(q.shape[0]) if self_mode else exclude
         yield from _faiss_chunks(q, r, k, distance, chunk_size, ex, faiss)
-    elif self_mode and symmetric:
-        yield from _torch_self_symmetric(q, k, distance, chunk_size)
+    elif symmetric:
+        yield from _symmetric_self(q, k, distance, chunk_size, _kernels())
     elif self_mode:
         own = torch.arange(q.shape[0], device=q.device)
         yield from _torch_chunks(q, q, k, distance, chunk_size, own)
@@ -585,7 +580,7 @@ def knn(
     exclude: Tensor | None = None,
     chunk_size: int = 4096,
     backend: str = "auto",
-    symmetric: bool = False,
+    symmetric: bool | None = None,
 ) -> KnnResult:
     """All neighbours at once (``[Q, k]``); see :func:`iter_knn` for the arguments.
 

@@ -1,0 +1,211 @@
+"""numba kernels for the symmetric self k-NN (see :mod:`dmlbench.evaluation.selfknn`).
+
+Each query row ``g`` owns a *reservoir*: ``cap > k`` slots of (score, id) in ``bv[g]`` / ``bi[g]``,
+``cnt[g]`` of them filled, and a *bar* ``(tv[g], ti[g])``. Candidates are ranked by a total order,
+score descending then id ascending (``_better``), so the top-``k`` of a row is one exact set. A
+candidate enters only if it beats the bar. When the reservoir is full, a quickselect moves its
+best ``k`` to the front, drops the rest and raises the bar to the worst one kept: nothing that does
+not beat that ``k``-th best can be in the final top-``k``. The bar starts at ``(-inf, n)``, which
+every real candidate beats.
+
+Scores are computed from a tile of raw dot products ``T`` as ``alpha · T - bias[neighbour]``
+(cosine: ``alpha = 1``, ``bias = 0``; euclidean: ``alpha = 2``, ``bias = |x|²``), in float32, the
+same way wherever a score is used, so a score is compared and kept bit for bit as computed.
+
+Scanning a tile is branch-free: every column's index is written and the write position advances
+only for a survivor, which compiles to straight-line code; only the survivors (a few percent once
+the bars have risen) then take the scalar path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(inline="always")
+def _better(a, ia, b, ib):  # type: ignore[no-untyped-def]
+    return (a > b) | ((a == b) & (ia < ib))  # bitwise: no branch
+
+
+@njit(nogil=True, cache=True)
+def select_best(bv, bi, cnt, k):  # type: ignore[no-untyped-def]
+    """Move the best ``k`` of ``bv[:cnt]`` (total order) to the front; return the worst kept.
+
+    Quickselect with a median-of-three pivot; keys are distinct (ids are), so it cannot stall on
+    equal keys.
+    """
+    lo = 0
+    hi = cnt - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        # median of three to bv[hi]
+        if _better(bv[mid], bi[mid], bv[lo], bi[lo]):
+            v = bv[mid]; i = bi[mid]; bv[mid] = bv[lo]; bi[mid] = bi[lo]; bv[lo] = v; bi[lo] = i  # noqa: E702
+        if _better(bv[hi], bi[hi], bv[lo], bi[lo]):
+            v = bv[hi]; i = bi[hi]; bv[hi] = bv[lo]; bi[hi] = bi[lo]; bv[lo] = v; bi[lo] = i  # noqa: E702
+        if _better(bv[mid], bi[mid], bv[hi], bi[hi]):
+            v = bv[hi]; i = bi[hi]; bv[hi] = bv[mid]; bi[hi] = bi[mid]; bv[mid] = v; bi[mid] = i  # noqa: E702
+        pv = bv[hi]
+        pi = bi[hi]
+        store = lo
+        for t in range(lo, hi):  # branch-free Lomuto: always swap, advance only past a better one
+            v = bv[t]
+            i = bi[t]
+            bv[t] = bv[store]
+            bi[t] = bi[store]
+            bv[store] = v
+            bi[store] = i
+            store += _better(v, i, pv, pi)
+        bv[hi] = bv[store]
+        bi[hi] = bi[store]
+        bv[store] = pv
+        bi[store] = pi
+        if store == k - 1:
+            break
+        if store < k - 1:
+            lo = store + 1
+        else:
+            hi = store - 1
+    wv = bv[0]
+    wi = bi[0]
+    for t in range(1, k):
+        if _better(wv, wi, bv[t], bi[t]):
+            wv = bv[t]
+            wi = bi[t]
+    return wv, wi
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def init_rows(tile, row0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[no-untyped-def]
+    """Fill the reservoirs of rows ``row0:row0+b`` from their diagonal tile ``X_b X_bᵀ``.
+
+    Every other item of the block is a candidate (the row's own item is not); the best
+    ``min(k, b - 1)`` are kept, and with ``k`` of them the bar rises to the worst.
+    """
+    b = tile.shape[0]
+    for r in prange(b):
+        g = row0 + r
+        sv = np.empty(b, np.float32)
+        si = np.empty(b, np.int32)
+        m = 0
+        for c in range(b):
+            if c != r:
+                sv[m] = alpha * tile[r, c] - bias[row0 + c]
+                si[m] = row0 + c
+                m += 1
+        if m > k:
+            wv, wi = select_best(sv, si, m, k)
+            tv[g] = wv
+            ti[g] = wi
+            m = k
+        for t in range(m):
+            bv[g, t] = sv[t]
+            bi[g, t] = si[t]
+        cnt[g] = m
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def push_rows(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[no-untyped-def]
+    """Offer tile ``T = X[row0:…] X[col0:…]ᵀ`` to its rows: row ``row0 + r`` gets candidates ``col0 + c``."""
+    br, bc = tile.shape
+    cap = bv.shape[1]
+    b = bias[col0:col0 + bc]
+    for r in prange(br):
+        g = row0 + r
+        v0 = tv[g]
+        i0 = ti[g]
+        n = cnt[g]
+        row = tile[r]
+        idx = np.empty(bc + 1, np.int32)
+        h = 0
+        for c in range(bc):  # branch-free: keep the index, advance only for a survivor
+            idx[h] = c
+            h += alpha * row[c] - b[c] >= v0
+        for q in range(h):
+            c = idx[q]
+            s = alpha * row[c] - b[c]
+            j = col0 + c
+            if _better(s, j, v0, i0):
+                bv[g, n] = s
+                bi[g, n] = j
+                n += 1
+                if n == cap:
+                    v0, i0 = select_best(bv[g], bi[g], n, k)
+                    n = k
+        cnt[g] = n
+        tv[g] = v0
+        ti[g] = i0
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def push_cols(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k, parts):  # type: ignore[no-untyped-def]
+    """Offer the same tile to its columns: row ``col0 + c`` gets candidates ``row0 + r``.
+
+    The tile is read row by row (no transpose); each of ``parts`` threads owns a range of
+    columns, so no two threads touch one reservoir.
+    """
+    br, bc = tile.shape
+    cap = bv.shape[1]
+    step = (bc + parts - 1) // parts
+    for p in prange(parts):
+        a = p * step
+        z = min(bc, a + step)
+        if a >= z:
+            continue
+        bars = tv[col0 + a:col0 + z]
+        idx = np.empty(z - a + 1, np.int32)
+        for r in range(br):
+            j = row0 + r
+            bj = bias[j]
+            row = tile[r, a:z]
+            h = 0
+            for c in range(z - a):
+                idx[h] = c
+                h += alpha * row[c] - bj >= bars[c]
+            for q in range(h):
+                c = idx[q]
+                g = col0 + a + c
+                s = alpha * row[c] - bj
+                if _better(s, j, tv[g], ti[g]):
+                    n = cnt[g]
+                    bv[g, n] = s
+                    bi[g, n] = j
+                    n += 1
+                    if n == cap:
+                        wv, wi = select_best(bv[g], bi[g], n, k)
+                        tv[g] = wv
+                        ti[g] = wi
+                        n = k
+                    cnt[g] = n
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def finish_rows(bv, bi, cnt, k, lo, hi):  # type: ignore[no-untyped-def]
+    """Reduce the reservoirs of rows ``lo:hi`` to their best ``k`` (in the first ``k`` slots)."""
+    for g in prange(lo, hi):
+        if cnt[g] > k:
+            select_best(bv[g], bi[g], cnt[g], k)
+            cnt[g] = k
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def sorted_rows(bv, bi, k, lo, hi, out_v, out_i):  # type: ignore[no-untyped-def]
+    """Write the first ``k`` slots of rows ``lo:hi`` in order (score desc, id asc) to ``out_*``.
+
+    One integer sort per row. A float's bits, with the sign bit flipped for positives and all
+    bits flipped for negatives, order like the float; inverted, higher scores come first. That
+    goes in a key's high 32 bits and the id in the low 32 bits.
+    """
+    low = np.uint64(0xFFFFFFFF)
+    sign = np.uint64(0x80000000)
+    for g in prange(lo, hi):
+        v = bv[g, :k] + np.float32(0.0)  # -0.0 becomes +0.0: equal scores get equal high bits
+        bits = v.view(np.uint32).astype(np.uint64)
+        ordered = np.where(bits & sign, bits ^ low, bits | sign)
+        keys = ((ordered ^ low) << np.uint64(32)) | bi[g, :k].astype(np.uint64)
+        keys.sort()
+        high = (keys >> np.uint64(32)) ^ low
+        back = np.where(high & sign, high ^ sign, high ^ low).astype(np.uint32)
+        out_v[g - lo] = back.view(np.float32)
+        out_i[g - lo] = (keys & low).astype(np.int64)
