@@ -192,7 +192,10 @@ def evaluate_embeddings(
             chunks = iter_knn(x[torch.as_tensor(q_idx, device=device)], x[torch.as_tensor(g_idx, device=device)],
                               k, distance=distance, chunk_size=chunk_size, backend=backend,
                               exclude=None if exclude_np is None else torch.as_tensor(exclude_np))
-        sums = {key: 0.0 for key in metric_keys([m for m in metrics if m in _RETRIEVAL], ks)}
+        # per-query values, summed once at the end: the result does not depend on the chunking
+        per_query: dict[str, list[torch.Tensor]] = {
+            key: [] for key in metric_keys([m for m in metrics if m in _RETRIEVAL], ks)
+        }
         n_valid = int((num_rel > 0).sum())
         for chunk in chunks:
             r = r_t[chunk.start:chunk.stop]
@@ -200,15 +203,15 @@ def evaluate_embeddings(
             hits = g_lab_t[chunk.indices] == q_lab_t[chunk.start:chunk.stop, None]
             hits, r = hits[valid], r[valid]
             if "map_at_r" in metrics:
-                sums["map_at_r"] += float(average_precision_at_r_per_query(hits, r).sum())
+                per_query["map_at_r"].append(average_precision_at_r_per_query(hits, r))
             if "r_precision" in metrics:
-                sums["r_precision"] += float(r_precision_per_query(hits, r).sum())
+                per_query["r_precision"].append(r_precision_per_query(hits, r))
             if "precision_at_1" in metrics:
-                sums["precision_at_1"] += float(precision_at_1_per_query(hits).sum())
+                per_query["precision_at_1"].append(precision_at_1_per_query(hits))
             if "recall" in metrics:
                 for kk in ks:
-                    sums[f"recall_at_{kk}"] += float(recall_at_k_per_query(hits, kk).sum())
-        out.update({key: v / n_valid for key, v in sums.items()})
+                    per_query[f"recall_at_{kk}"].append(recall_at_k_per_query(hits, kk))
+        out.update({key: float(torch.cat(v).double().sum()) / n_valid for key, v in per_query.items()})
 
     if "nmi" in metrics or "f1" in metrics:
         xq = prepare(emb[torch.as_tensor(q_idx, device=device)], distance).float().cpu().numpy()

@@ -364,7 +364,7 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
     sq = (x * x).sum(1) if distance == "euclidean" else None
     bias = np.zeros(n, dtype=np.float32) if sq is None else sq.numpy()
     alpha = np.float32(2.0 if distance == "euclidean" else 1.0)
-    cap = k + max(k // 2, 16)  # reservoir: every cap - k survivors cost one quickselect of cap
+    cap = 2 * k + 16  # reservoir: every cap - k survivors cost one quickselect of cap
     bv = np.empty((n, cap), dtype=np.float32)
     bi = np.empty((n, cap), dtype=np.int32)
     cnt = np.zeros(n, dtype=np.int32)
