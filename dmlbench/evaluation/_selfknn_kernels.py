@@ -90,8 +90,9 @@ def init_rows(tile, row0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[
         si = np.empty(b, np.int32)
         m = 0
         for c in range(b):
-            if c != r:
-                sv[m] = alpha * tile[r, c] - bias[row0 + c]
+            s = alpha * tile[r, c] - bias[row0 + c]
+            if c != r and s == s:  # NaN (overflow) never enters, as it never beats a bar
+                sv[m] = s
                 si[m] = row0 + c
                 m += 1
         if m > k:

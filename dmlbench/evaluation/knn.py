@@ -360,6 +360,8 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
             e = min(s + side, n)
             yield KnnChunk(s, e, x.new_empty((e - s, 0)), torch.empty((e - s, 0), dtype=torch.long))
         return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the embeddings are not finite (NaN or inf); k-NN needs finite embeddings")
     x = x.contiguous()
     sq = (x * x).sum(1) if distance == "euclidean" else None
     bias = np.zeros(n, dtype=np.float32) if sq is None else sq.numpy()
@@ -393,7 +395,8 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
                 kern.push_cols(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k, parts)
             kern.finish_rows(bv, bi, cnt, k, s, e)
             if (cnt[s:e] < k).any():
-                raise ValueError("the embeddings give non-finite (NaN) similarities; k-NN needs finite embeddings")
+                raise ValueError("the embeddings give non-finite (NaN) similarities, too large for float32; "
+                                 "scale them down")
             values, ids = np.empty((e - s, k), dtype=np.float32), np.empty((e - s, k), dtype=np.int64)
             kern.sorted_rows(bv, bi, k, s, e, values, ids)
             values, ids = torch.from_numpy(values), torch.from_numpy(ids)

@@ -19,6 +19,7 @@ PACKAGES = (
     "pytorch-metric-learning",
     "faiss-cpu",
     "faiss-gpu-cu12",
+    "numba",
     "numpy",
     "pandas",
     "pyarrow",
