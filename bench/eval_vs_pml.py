@@ -71,8 +71,8 @@ def peak_mib() -> float:
 
 def worker(side: str, folder: Path, distance: str, chunk: int) -> dict[str, object]:
     """One side, in a fresh process: load the arrays, run twice, report times and memory."""
-    import torch
     import pytorch_metric_learning.utils.accuracy_calculator  # noqa: F401  (imports outside the timing)
+    import torch
 
     import dmlbench.evaluation  # noqa: F401
 

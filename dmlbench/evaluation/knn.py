@@ -56,6 +56,7 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 FAISS_GPU_MAX_K = 2048  # faiss GPU's largest k (faiss/gpu/utils/DeviceDefs.cuh)
 SYMMETRIC_MIN_N = 8192  # auto: the symmetric CPU path from this many queries on (its kernels compile once)
 _TILE = 1024  # side of the symmetric path's square tiles
+_MAX_IDS = 2**31 - 1  # the symmetric path keeps int32 ids (and n as a placeholder)
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
         return
     if not bool(torch.isfinite(x).all()):
         raise ValueError("the embeddings are not finite (NaN or inf); k-NN needs finite embeddings")
-    x = x.contiguous()
+    x = x.detach().contiguous()
     sq = (x * x).sum(1) if distance == "euclidean" else None
     bias = np.zeros(n, dtype=np.float32) if sq is None else sq.numpy()
     alpha = np.float32(2.0 if distance == "euclidean" else 1.0)
@@ -514,7 +515,8 @@ def iter_knn(
             above the diagonal, numba selection kernels; see the module doc). ``None`` (default):
             when it pays, i.e. float32 embeddings, at least ``SYMMETRIC_MIN_N`` queries and not
             the faiss backend. ``True``: always (an error where it cannot run). ``False``: never.
-            Chunks are then at most 1024 queries.
+            Chunks are then at most 1024 queries, and memory is ``8 · Q · (2k + 16)`` bytes of
+            candidate reservoirs plus one tile.
 
     Yields:
         :class:`KnnChunk` per block of queries, scores highest first, ties by lower position.
@@ -552,7 +554,8 @@ def iter_knn(
     if symmetric:
         where = ("a reference set was given" if not self_mode else "the embeddings are not on the CPU"
                  if q.device.type != "cpu" else "the faiss backend was asked for" if backend == "faiss"
-                 else "the embeddings are float64" if q.dtype != torch.float32 else None)
+                 else "the embeddings are float64" if q.dtype != torch.float32
+                 else "there are 2³¹ or more of them" if q.shape[0] >= _MAX_IDS else None)
         if where is not None:
             raise ValueError(f"symmetric k-NN needs float32 CPU embeddings searched against themselves, but {where}; "
                              "pass symmetric=None to choose automatically")
@@ -560,7 +563,7 @@ def iter_knn(
             raise ValueError("symmetric k-NN needs numba, which cannot be imported; install it (pip install numba)")
     elif symmetric is None:
         symmetric = (self_mode and backend != "faiss" and q.device.type == "cpu" and q.dtype == torch.float32
-                     and q.shape[0] >= SYMMETRIC_MIN_N and k > 0 and symmetric_available())
+                     and SYMMETRIC_MIN_N <= q.shape[0] < _MAX_IDS and k > 0 and symmetric_available())
     faiss = _faiss() if backend == "faiss" else None
     if faiss is not None:
         ex = torch.arange(q.shape[0]) if self_mode else exclude
