@@ -149,3 +149,24 @@ def test_without_numba_auto_falls_back_and_true_explains(monkeypatch: pytest.Mon
                                                                    exclude=list(range(60))))
     with pytest.raises(ValueError, match="needs numba"):
         knn(x, None, 8, symmetric=True)
+
+
+def test_evaluation_on_the_symmetric_path_equals_pml() -> None:
+    """Above the size threshold evaluate_embeddings takes the symmetric path; its metrics must
+    equal pytorch-metric-learning's AccuracyCalculator exactly (integer embeddings: exact scores,
+    real ties, broken by lower index on both sides)."""
+    from dmlbench.evaluation import evaluate_embeddings
+    from tests.test_metrics import pml
+
+    n = knn_mod.SYMMETRIC_MIN_N + 500
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randperm(n, generator=g) % 40
+    centres = torch.randint(-6, 7, (40, 8), generator=g).float()
+    x = centres[labels] + torch.randint(-4, 5, (n, 8), generator=g).float()
+    ours = evaluate_embeddings(x, labels, metrics=("precision_at_1", "r_precision", "map_at_r"),
+                               distance="euclidean")
+    theirs = pml(x, labels)
+    for key in ("precision_at_1", "r_precision", "map_at_r"):
+        assert ours[key] == theirs[key], key
+    plain = knn(x, None, 50, distance="euclidean", symmetric=False)
+    assert torch.equal(knn(x, None, 50, distance="euclidean").indices, plain.indices)
