@@ -90,9 +90,8 @@ def init_rows(tile, row0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[
         si = np.empty(b, np.int32)
         m = 0
         for c in range(b):
-            s = alpha * tile[r, c] - bias[row0 + c]
-            if c != r and s == s:  # NaN (overflow) never enters, as it never beats a bar
-                sv[m] = s
+            if c != r:
+                sv[m] = alpha * tile[r, c] - bias[row0 + c]
                 si[m] = row0 + c
                 m += 1
         if m > k:
@@ -199,14 +198,19 @@ def sorted_rows(bv, bi, k, lo, hi, out_v, out_i):  # type: ignore[no-untyped-def
     goes in a key's high 32 bits and the id in the low 32 bits.
     """
     low = np.uint64(0xFFFFFFFF)
-    sign = np.uint64(0x80000000)
+    sign = np.uint32(0x80000000)
     for g in prange(lo, hi):
-        v = bv[g, :k] + np.float32(0.0)  # -0.0 becomes +0.0: equal scores get equal high bits
-        bits = v.view(np.uint32).astype(np.uint64)
-        ordered = np.where(bits & sign, bits ^ low, bits | sign)
-        keys = ((ordered ^ low) << np.uint64(32)) | bi[g, :k].astype(np.uint64)
+        keys = np.empty(k, np.uint64)
+        bits = np.empty(1, np.float32)
+        ubits = bits.view(np.uint32)
+        for t in range(k):
+            bits[0] = bv[g, t] + np.float32(0.0)  # -0.0 becomes +0.0: equal scores, equal keys
+            u = ubits[0]
+            u = u ^ np.uint32(0xFFFFFFFF) if u & sign else u | sign  # ascending with the float
+            keys[t] = (np.uint64(u ^ np.uint32(0xFFFFFFFF)) << np.uint64(32)) | np.uint64(bi[g, t])
         keys.sort()
-        high = (keys >> np.uint64(32)) ^ low
-        back = np.where(high & sign, high ^ sign, high ^ low).astype(np.uint32)
-        out_v[g - lo] = back.view(np.float32)
-        out_i[g - lo] = (keys & low).astype(np.int64)
+        for t in range(k):
+            u = np.uint32((keys[t] >> np.uint64(32)) ^ low)
+            ubits[0] = u ^ sign if u & sign else u ^ np.uint32(0xFFFFFFFF)
+            out_v[g - lo, t] = bits[0]
+            out_i[g - lo, t] = np.int64(keys[t] & low)

@@ -361,10 +361,13 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
             e = min(s + side, n)
             yield KnnChunk(s, e, x.new_empty((e - s, 0)), torch.empty((e - s, 0), dtype=torch.long))
         return
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("the embeddings are not finite (NaN or inf); k-NN needs finite embeddings")
     x = x.detach().contiguous()
-    sq = (x * x).sum(1) if distance == "euclidean" else None
+    sq = (x * x).sum(1)  # non-finite iff an embedding is (or its squared norm overflows)
+    if not bool(torch.isfinite(sq).all()):
+        raise ValueError("the embeddings are not finite (NaN or inf), or too large for float32 squared "
+                         "norms; k-NN needs finite embeddings")
+    if distance != "euclidean":
+        sq = None
     bias = np.zeros(n, dtype=np.float32) if sq is None else sq.numpy()
     alpha = np.float32(2.0 if distance == "euclidean" else 1.0)
     cap = 2 * k + 16  # reservoir: every cap - k survivors cost one quickselect of cap
@@ -395,9 +398,6 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
                 kern.push_rows(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k)
                 kern.push_cols(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k, parts)
             kern.finish_rows(bv, bi, cnt, k, s, e)
-            if (cnt[s:e] < k).any():
-                raise ValueError("the embeddings give non-finite (NaN) similarities, too large for float32; "
-                                 "scale them down")
             values, ids = np.empty((e - s, k), dtype=np.float32), np.empty((e - s, k), dtype=np.int64)
             kern.sorted_rows(bv, bi, k, s, e, values, ids)
             values, ids = torch.from_numpy(values), torch.from_numpy(ids)
