@@ -46,7 +46,7 @@ def test_sorted_rows_orders_by_score_desc_then_id_asc() -> None:
     v = np.array([[0.5, -0.0, 0.0, -np.inf, 0.5, -2.0, 3.0e38, -1e-30]], dtype=np.float32)
     i = np.array([[9, 4, 2, 0, 3, 7, 8, 1]], dtype=np.int32)
     out_v, out_i = np.empty((1, 8), np.float32), np.empty((1, 8), np.int64)
-    kern.sorted_rows(v, i, 8, 0, 1, out_v, out_i)
+    kern.sorted_rows(v, i, np.array([8], np.int32), 8, 0, 1, out_v, out_i)
     assert out_i.tolist() == [[8, 3, 9, 2, 4, 1, 7, 0]]  # -0.0 and 0.0 tie: by id
     np.testing.assert_array_equal(out_v, np.array([[3.0e38, 0.5, 0.5, 0.0, 0.0, -1e-30, -2.0, -np.inf]], np.float32))
 
@@ -91,6 +91,40 @@ def test_symmetric_equals_plain_on_wide_rows_and_threads() -> None:
                 assert torch.equal(got.scores, plain.scores)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 6])
+def test_rows_whose_sample_bar_was_too_high_are_recomputed(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
+    # a bar at the best (or 2nd, 6th) sampled item is above most rows' 10th best: those rows
+    # end with fewer than k candidates and are recomputed whole; the rest keep the fast path
+    monkeypatch.setattr(knn_mod, "sample_rank", lambda k, candidates, sample: rank)
+    monkeypatch.setattr(knn_mod, "_SAMPLE", 50)
+    redone: list[int] = []
+    real_topk = knn_mod.topk_desc
+
+    def spy(scores, k, offset=0):  # type: ignore[no-untyped-def]
+        redone.append(len(scores))
+        return real_topk(scores, k, offset)
+
+    monkeypatch.setattr(knn_mod, "topk_desc", spy)
+    x = integer_data(300, 3, seed=8, high=5)
+    want = brute_force(x.numpy(), x.numpy(), 10, "euclidean", exclude=list(range(len(x))))
+    for chunk_size in (7, 128):
+        got = knn(x, None, 10, distance="euclidean", chunk_size=chunk_size, symmetric=True)
+        np.testing.assert_array_equal(got.indices.numpy(), want)
+        sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        np.testing.assert_array_equal(got.scores.numpy(), -sq.gather(1, got.indices).numpy())
+    assert 0 < sum(redone) < 2 * 300 if rank == 6 else sum(redone) > 300  # most rows redone at rank 1
+
+
+def test_sample_rank_is_rarely_above_the_kth_best() -> None:
+    # the bar fails when more than q - 1 sampled items beat the k-th best: count it by simulation
+    rng = np.random.default_rng(0)
+    for k, candidates, sample in [(199, 19_999, 1024), (999, 99_999, 1024), (5, 9_000, 1024), (50, 8_191, 1024)]:
+        q = knn_mod.sample_rank(k, candidates, sample)
+        assert 1 < q < sample
+        beats = np.array([(rng.choice(candidates, sample, replace=False) < k).sum() for _ in range(4000)])
+        assert (beats >= q).mean() < 0.005, (k, candidates, sample, q)
 
 
 def test_symmetric_chunks_are_tiles_in_order() -> None:

@@ -77,37 +77,48 @@ def select_best(bv, bi, cnt, k):  # type: ignore[no-untyped-def]
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def init_rows(tile, row0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[no-untyped-def]
-    """Fill the reservoirs of rows ``row0:row0+b`` from their diagonal tile ``X_b X_bᵀ``.
+def sample_bars(tile, row0, ids, bias, alpha, q, tv, ti):  # type: ignore[no-untyped-def]
+    """Set the bar of rows ``row0:…`` to their ``q``-th best candidate among a sample.
 
-    Every other item of the block is a candidate (the row's own item is not); the best
-    ``min(k, b - 1)`` are kept, and with ``k`` of them the bar rises to the worst.
+    ``tile[r, c]`` is the dot product of row ``row0 + r`` with item ``ids[c]``; the row's own
+    item is skipped. Rows with fewer than ``q`` sampled candidates keep their bar. The ``q``
+    best are kept in a small sorted buffer (insertion), which is cheap for small ``q``.
     """
-    b = tile.shape[0]
-    for r in prange(b):
+    br, m = tile.shape
+    for r in prange(br):
         g = row0 + r
-        sv = np.empty(b, np.float32)
-        si = np.empty(b, np.int32)
-        m = 0
-        for c in range(b):
-            if c != r:
-                sv[m] = alpha * tile[r, c] - bias[row0 + c]
-                si[m] = row0 + c
-                m += 1
-        if m > k:
-            wv, wi = select_best(sv, si, m, k)
-            tv[g] = wv
-            ti[g] = wi
-            m = k
-        for t in range(m):
-            bv[g, t] = sv[t]
-            bi[g, t] = si[t]
-        cnt[g] = m
+        hv = np.empty(q, np.float32)
+        hi = np.empty(q, np.int32)
+        h = 0
+        for c in range(m):
+            j = ids[c]
+            if j == g:
+                continue
+            s = alpha * tile[r, c] - bias[j]
+            if h < q:
+                p = h
+                h += 1
+            elif _better(s, j, hv[q - 1], hi[q - 1]):
+                p = q - 1
+            else:
+                continue
+            while p > 0 and _better(s, j, hv[p - 1], hi[p - 1]):
+                hv[p] = hv[p - 1]
+                hi[p] = hi[p - 1]
+                p -= 1
+            hv[p] = s
+            hi[p] = j
+        if h == q:
+            tv[g] = hv[q - 1]
+            ti[g] = hi[q - 1]
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def push_rows(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[no-untyped-def]
-    """Offer tile ``T = X[row0:…] X[col0:…]ᵀ`` to its rows: row ``row0 + r`` gets candidates ``col0 + c``."""
+    """Offer tile ``T = X[row0:…] X[col0:…]ᵀ`` to its rows: row ``row0 + r`` gets candidates ``col0 + c``.
+
+    A row's own item (on a diagonal tile) is never a candidate.
+    """
     br, bc = tile.shape
     cap = bv.shape[1]
     b = bias[col0:col0 + bc]
@@ -126,7 +137,7 @@ def push_rows(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: i
             c = idx[q]
             s = alpha * row[c] - b[c]
             j = col0 + c
-            if _better(s, j, v0, i0):
+            if _better(s, j, v0, i0) and j != g:
                 bv[g, n] = s
                 bi[g, n] = j
                 n += 1
@@ -190,8 +201,10 @@ def finish_rows(bv, bi, cnt, k, lo, hi):  # type: ignore[no-untyped-def]
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def sorted_rows(bv, bi, k, lo, hi, out_v, out_i):  # type: ignore[no-untyped-def]
+def sorted_rows(bv, bi, cnt, k, lo, hi, out_v, out_i):  # type: ignore[no-untyped-def]
     """Write the first ``k`` slots of rows ``lo:hi`` in order (score desc, id asc) to ``out_*``.
+
+    Rows with fewer than ``k`` candidates (``cnt``) are left alone.
 
     One integer sort per row. A float's bits, with the sign bit flipped for positives and all
     bits flipped for negatives, order like the float; inverted, higher scores come first. That
@@ -200,6 +213,8 @@ def sorted_rows(bv, bi, k, lo, hi, out_v, out_i):  # type: ignore[no-untyped-def
     low = np.uint64(0xFFFFFFFF)
     sign = np.uint32(0x80000000)
     for g in prange(lo, hi):
+        if cnt[g] < k:
+            continue
         keys = np.empty(k, np.uint64)
         bits = np.empty(1, np.float32)
         ubits = bits.view(np.uint32)

@@ -56,6 +56,7 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 FAISS_GPU_MAX_K = 2048  # faiss GPU's largest k (faiss/gpu/utils/DeviceDefs.cuh)
 SYMMETRIC_MIN_N = 8192  # auto: the symmetric CPU path from this many queries on (its kernels compile once)
 _TILE = 1024  # side of the symmetric path's square tiles
+_SAMPLE = 1024  # items per row that set the symmetric path's first bars
 _MAX_IDS = 2**31 - 1  # the symmetric path keeps int32 ids (and n as a placeholder)
 
 
@@ -341,16 +342,38 @@ def symmetric_available() -> bool:
     return _kernels() is not None
 
 
+def sample_rank(k: int, candidates: int, sample: int) -> int:
+    """Rank ``q`` in a random sample of ``sample`` of a row's ``candidates`` whose item is, but
+    for about one row in a thousand, still no better than the row's ``k``-th best.
+
+    The sampled items better than the ``k``-th best are hypergeometric with mean
+    ``μ = k · sample / candidates`` (at most binomial spread); ``q = ⌈μ + 3σ⌉ + 1``.
+
+    Example:
+        >>> sample_rank(199, 19_999, 1024)
+        21
+    """
+    p = k / candidates
+    mu = sample * p
+    return math.ceil(mu + 3 * math.sqrt(mu * (1 - p))) + 1
+
+
 def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any) -> Iterator[KnnChunk]:
     """Query = reference on CPU, self excluded, each similarity computed once.
 
-    The matrix is cut into square tiles of side ``min(chunk_size, 1024)``; only tiles on or
-    above the diagonal are computed (``torch.mm``, raw dot products). A diagonal tile seeds the
-    reservoirs of its rows (``init_rows``); every other tile ``(i, j)`` is offered to its rows
-    (queries of block ``i``, candidates of block ``j``) and to its columns (queries of block
-    ``j``, candidates of block ``i``) without being transposed. Row block ``i`` is complete once
-    its own row of tiles is done, because the tiles above it were done earlier; it is then
-    reduced to its best ``k`` and yielded. See :mod:`dmlbench.evaluation._selfknn_kernels`.
+    1. **Bars from a sample.** Every row's bar starts at its ``q``-th best among ``_SAMPLE``
+       random items (:func:`sample_rank`), so most candidates are rejected from the start.
+    2. **Tiles.** The matrix is cut into square tiles of side ``min(chunk_size, 1024)``; only
+       tiles on or above the diagonal are computed (``torch.mm``, raw dot products). Tile
+       ``(i, j)`` is offered to its rows (queries of block ``i``, candidates of block ``j``) and,
+       off the diagonal, to its columns (queries of block ``j``, candidates of block ``i``),
+       without being transposed.
+    3. **Finish.** Row block ``i`` is complete once its own row of tiles is done (the tiles above
+       it came earlier). Each row keeps its best ``k``; a row that collected fewer than ``k``
+       candidates had a sample bar above its ``k``-th best (rare by construction) and is
+       recomputed whole with :func:`topk_desc`.
+
+    See :mod:`dmlbench.evaluation._selfknn_kernels` for the reservoirs and bars.
     """
     import numba
 
@@ -376,34 +399,48 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
     cnt = np.zeros(n, dtype=np.int32)
     tv = np.full(n, -np.inf, dtype=np.float32)
     ti = np.full(n, n, dtype=np.int32)
-    flat = torch.empty(side * min(side, n), dtype=x.dtype)
+    m = min(_SAMPLE, n - 1)
+    q = sample_rank(k, n - 1, m)
+    sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:m].sort().values
+    flat = torch.empty(side * max(min(side, n), m), dtype=x.dtype)
 
-    def tile(s: int, e: int, t: int, u: int) -> np.ndarray:
-        out = flat[: (e - s) * (u - t)].view(e - s, u - t)  # contiguous, whatever its shape
-        torch.mm(x[s:e], x[t:u].T, out=out)
+    def tile(s: int, e: int, other: Tensor) -> np.ndarray:
+        out = flat[: (e - s) * len(other)].view(e - s, len(other))  # contiguous, whatever its shape
+        torch.mm(x[s:e], other.T, out=out)
         return out.numpy()
 
     threads = numba.get_num_threads()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     try:
-        for s in range(0, n, side):
-            e = min(s + side, n)
-            kern.init_rows(tile(s, e, s, e), s, bias, alpha, bv, bi, cnt, tv, ti, k)
+        if q < m:  # else every sampled item would pass: no useful bar
+            xs, ids = x[sample], sample.to(torch.int32).numpy()
+            for s in range(0, n, side):
+                e = min(s + side, n)
+                kern.sample_bars(tile(s, e, xs), s, ids, bias, alpha, q, tv, ti)
         parts = numba.get_num_threads()
         for s in range(0, n, side):
             e = min(s + side, n)
-            for t in range(e, n, side):
+            for t in range(s, n, side):
                 u = min(t + side, n)
-                block = tile(s, e, t, u)
+                block = tile(s, e, x[t:u])
                 kern.push_rows(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k)
-                kern.push_cols(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k, parts)
+                if t > s:
+                    kern.push_cols(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k, parts)
             kern.finish_rows(bv, bi, cnt, k, s, e)
-            values, ids = np.empty((e - s, k), dtype=np.float32), np.empty((e - s, k), dtype=np.int64)
-            kern.sorted_rows(bv, bi, k, s, e, values, ids)
-            values, ids = torch.from_numpy(values), torch.from_numpy(ids)
+            values, ids_out = np.empty((e - s, k), dtype=np.float32), np.empty((e - s, k), dtype=np.int64)
+            kern.sorted_rows(bv, bi, cnt, k, s, e, values, ids_out)
+            values, indices = torch.from_numpy(values), torch.from_numpy(ids_out)
+            redo = torch.from_numpy(np.flatnonzero(cnt[s:e] < k))
+            if len(redo):  # the sample bar was above the k-th best: the whole row, exactly
+                rows = redo + s
+                block = torch.mm(x[rows], x.T)
+                if sq is not None:
+                    block.mul_(2).sub_(sq[None, :])
+                block[torch.arange(len(rows)), rows] = float("-inf")
+                values[redo], indices[redo] = topk_desc(block, k)
             if sq is not None:
                 values = values - sq[s:e, None]
-            yield KnnChunk(s, e, values, ids)
+            yield KnnChunk(s, e, values, indices)
     finally:
         numba.set_num_threads(threads)
 
