@@ -393,7 +393,7 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
         sq = None
     bias = np.zeros(n, dtype=np.float32) if sq is None else sq.numpy()
     alpha = np.float32(2.0 if distance == "euclidean" else 1.0)
-    cap = 2 * k + 16  # reservoir: every cap - k survivors cost one quickselect of cap
+    cap = k + k // 2 + 16  # reservoir: every cap - k survivors cost one quickselect of cap
     bv = np.empty((n, cap), dtype=np.float32)
     bi = np.empty((n, cap), dtype=np.int32)
     cnt = np.zeros(n, dtype=np.int32)
@@ -552,7 +552,7 @@ def iter_knn(
             above the diagonal, numba selection kernels; see the module doc). ``None`` (default):
             when it pays, i.e. float32 embeddings, at least ``SYMMETRIC_MIN_N`` queries and not
             the faiss backend. ``True``: always (an error where it cannot run). ``False``: never.
-            Chunks are then at most 1024 queries, and memory is ``8 · Q · (2k + 16)`` bytes of
+            Chunks are then at most 1024 queries, and memory is ``8 · Q · (1.5k + 16)`` bytes of
             candidate reservoirs plus one tile.
 
     Yields:
