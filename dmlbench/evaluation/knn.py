@@ -39,6 +39,7 @@ Timings: ``docs/evaluation.md``.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -321,20 +322,21 @@ def _torch_chunks(q: Tensor, r: Tensor, k: int, distance: str, chunk_size: int,
 # --------------------------------------------------------------------------------------------
 
 
+def _import_or_warn(module: str, label: str, instead: str) -> Any | None:
+    """``module`` imported, or None with a warning that ``label`` is missing and what happens instead."""
+    try:
+        return importlib.import_module(module)
+    except Exception as err:
+        warnings.warn(f"{label} cannot be imported ({err}); {instead}", RuntimeWarning, stacklevel=4)
+        return None
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels() -> Any | None:
     """The numba selection kernels, or None (with one warning per process) without numba."""
-    try:
-        from dmlbench.evaluation import _selfknn_kernels
-    except Exception as err:
-        warnings.warn(
-            f"numba cannot be imported ({err}); self k-NN on CPU forms every similarity twice "
-            "instead of once (same results, slower). Reinstall dmlbench's dependencies to fix it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    return _selfknn_kernels
+    return _import_or_warn("dmlbench.evaluation._selfknn_kernels", "numba",
+                           "self k-NN on CPU forms every similarity twice instead of once (same results, "
+                           "slower). Reinstall dmlbench's dependencies to fix it.")
 
 
 def symmetric_available() -> bool:
@@ -453,16 +455,7 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
 @functools.lru_cache(maxsize=1)
 def _faiss() -> Any | None:
     """The faiss module, or None (with one warning per process) when it cannot be imported."""
-    try:
-        import faiss  # type: ignore[import-not-found]
-    except Exception as err:
-        warnings.warn(
-            f"faiss cannot be imported ({err}); using torch for k-NN search instead.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    return faiss
+    return _import_or_warn("faiss", "faiss", "using torch for k-NN search instead.")
 
 
 def faiss_available() -> bool:
