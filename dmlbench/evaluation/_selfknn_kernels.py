@@ -1,4 +1,4 @@
-"""numba kernels for the symmetric self k-NN (see :mod:`dmlbench.evaluation.selfknn`).
+"""numba kernels for the symmetric self k-NN (driven by :func:`dmlbench.evaluation.knn._symmetric_self`).
 
 Each query row ``g`` owns a *reservoir*: ``cap > k`` slots of (score, id) in ``bv[g]`` / ``bi[g]``,
 ``cnt[g]`` of them filled, and a *bar* ``(tv[g], ti[g])``. Candidates are ranked by a total order,
@@ -6,7 +6,9 @@ score descending then id ascending (``_better``), so the top-``k`` of a row is o
 candidate enters only if it beats the bar. When the reservoir is full, a quickselect moves its
 best ``k`` to the front, drops the rest and raises the bar to the worst one kept: nothing that does
 not beat that ``k``-th best can be in the final top-``k``. The bar starts at ``(-inf, n)``, which
-every real candidate beats.
+every real candidate beats, or at a sampled item (``sample_bars``) that the caller expects to be
+worse than the row's ``k``-th best; a row left with fewer than ``k`` candidates shows that this
+expectation failed, and the caller recomputes it.
 
 Scores are computed from a tile of raw dot products ``T`` as ``alpha · T - bias[neighbour]``
 (cosine: ``alpha = 1``, ``bias = 0``; euclidean: ``alpha = 2``, ``bias = |x|²``), in float32, the
