@@ -141,8 +141,11 @@ def test_pretrained_missing_is_explained(tiny_cfg: dict[str, Any], tmp_path: Pat
     from dmlbench.errors import DmlbenchError
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hub = pytest.importorskip("huggingface_hub.constants")
+    before = hub.HF_HUB_OFFLINE
     with pytest.raises(DmlbenchError, match="not in the local timm/Hugging Face cache"):
         build_backbone(make(tiny_cfg, backbone="test_resnet", pretrained=True))
+    assert hub.HF_HUB_OFFLINE == before  # offline only while dmlbench looks for the weights
     with pytest.raises(DmlbenchError, match="does not exist"):
         build_backbone(make(tiny_cfg, backbone="test_resnet", pretrained=str(tmp_path / "w.pth")))
 

@@ -132,9 +132,18 @@ def tiny(cfg: TrialConfig) -> Backbone:
 
 @contextmanager
 def _offline() -> Iterator[None]:
+    """Hugging Face Hub offline mode: the environment variables, and huggingface_hub's own flag,
+    which it reads from the environment once, at import (timm imports it before we get here)."""
     keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     old = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: "1" for k in keys})
+    try:
+        from huggingface_hub import constants as hub
+    except ImportError:
+        hub = None
+    hub_old = getattr(hub, "HF_HUB_OFFLINE", None)
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
@@ -143,6 +152,8 @@ def _offline() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = hub_old
 
 
 def file_digest(path: str | Path, length: int = 12) -> str:
