@@ -100,13 +100,13 @@ def test_rows_whose_sample_bar_was_too_high_are_recomputed(monkeypatch: pytest.M
     monkeypatch.setattr(knn_mod, "sample_rank", lambda k, candidates, sample: rank)
     monkeypatch.setattr(knn_mod, "_SAMPLE", 50)
     redone: list[int] = []
-    real_topk = knn_mod.topk_desc
+    real_plain = knn_mod._torch_chunks
 
-    def spy(scores, k, offset=0):  # type: ignore[no-untyped-def]
-        redone.append(len(scores))
-        return real_topk(scores, k, offset)
+    def spy(q, *args, **kwargs):  # type: ignore[no-untyped-def]
+        redone.append(len(q))
+        return real_plain(q, *args, **kwargs)
 
-    monkeypatch.setattr(knn_mod, "topk_desc", spy)
+    monkeypatch.setattr(knn_mod, "_torch_chunks", spy)
     x = integer_data(300, 3, seed=8, high=5)
     want = brute_force(x.numpy(), x.numpy(), 10, "euclidean", exclude=list(range(len(x))))
     for chunk_size in (7, 128):

@@ -373,7 +373,7 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
     3. **Finish.** Row block ``i`` is complete once its own row of tiles is done (the tiles above
        it came earlier). Each row keeps its best ``k``; a row that collected fewer than ``k``
        candidates had a sample bar above its ``k``-th best (rare by construction) and is
-       recomputed whole with :func:`topk_desc`.
+       recomputed whole by the plain path (:func:`_torch_chunks`).
 
     See :mod:`dmlbench.evaluation._selfknn_kernels` for the reservoirs and bars.
     """
@@ -432,16 +432,14 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
             values, ids_out = np.empty((e - s, k), dtype=np.float32), np.empty((e - s, k), dtype=np.int64)
             kern.sorted_rows(bv, bi, cnt, k, s, e, values, ids_out)
             values, indices = torch.from_numpy(values), torch.from_numpy(ids_out)
-            redo = torch.from_numpy(np.flatnonzero(cnt[s:e] < k))
-            if len(redo):  # the sample bar was above the k-th best: the whole row, exactly
-                rows = redo + s
-                block = torch.mm(x[rows], x.T)
-                if sq is not None:
-                    block.mul_(2).sub_(sq[None, :])
-                block[torch.arange(len(rows)), rows] = float("-inf")
-                values[redo], indices[redo] = topk_desc(block, k)
             if sq is not None:
                 values = values - sq[s:e, None]
+            redo = torch.from_numpy(np.flatnonzero(cnt[s:e] < k))
+            if len(redo):  # the sample bar was above the k-th best: the whole row, by the plain path
+                rows = redo + s
+                for part in _torch_chunks(x[rows], x, k, distance, chunk_size, rows):
+                    values[redo[part.start:part.stop]] = part.scores
+                    indices[redo[part.start:part.stop]] = part.indices
             yield KnnChunk(s, e, values, indices)
     finally:
         numba.set_num_threads(threads)
