@@ -195,5 +195,6 @@ def main() -> None:
         if bad:
             raise SystemExit(f"values differ beyond {args.tol}: {bad}")
 
+
 if __name__ == "__main__":
     main()
