@@ -24,6 +24,19 @@ def signed_unit_data(n: int, d: int, seed: int) -> torch.Tensor:
     return x
 
 
+def count_rows(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap ``knn_mod.<name>`` (first argument: query rows) and record each call's row count."""
+    calls: list[int] = []
+    real = getattr(knn_mod, name)
+
+    def spy(x, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(x))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(knn_mod, name, spy)
+    return calls
+
+
 # ---------------------------------------------------------------------------- kernels
 
 
@@ -99,14 +112,7 @@ def test_rows_whose_sample_bar_was_too_high_are_recomputed(monkeypatch: pytest.M
     # end with fewer than k candidates and are recomputed whole; the rest keep the fast path
     monkeypatch.setattr(knn_mod, "sample_rank", lambda k, candidates, sample: rank)
     monkeypatch.setattr(knn_mod, "_SAMPLE", 50)
-    redone: list[int] = []
-    real_plain = knn_mod._torch_chunks
-
-    def spy(q, *args, **kwargs):  # type: ignore[no-untyped-def]
-        redone.append(len(q))
-        return real_plain(q, *args, **kwargs)
-
-    monkeypatch.setattr(knn_mod, "_torch_chunks", spy)
+    redone = count_rows(monkeypatch, "_torch_chunks")
     x = integer_data(300, 3, seed=8, high=5)
     want = brute_force(x.numpy(), x.numpy(), 10, "euclidean", exclude=list(range(len(x))))
     for chunk_size in (7, 128):
@@ -136,14 +142,7 @@ def test_symmetric_chunks_are_tiles_in_order() -> None:
 
 
 def test_auto_takes_the_symmetric_path_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    real = knn_mod._symmetric_self
-
-    def spy(x, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(x))
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(knn_mod, "_symmetric_self", spy)
+    calls = count_rows(monkeypatch, "_symmetric_self")
     monkeypatch.setattr(knn_mod, "SYMMETRIC_MIN_N", 100)
     x = integer_data(150, 3, seed=4)
     auto = knn(x, None, 10, distance="euclidean")
