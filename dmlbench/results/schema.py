@@ -3,6 +3,9 @@
 One row = one trial (search or final phase) or one published number (``source=paper``).
 ``SCHEMA_VERSION`` increases whenever a column is added, removed or changes meaning; readers
 upgrade older rows with :func:`upgrade` or say which version they need.
+
+Versions: 1 the first; 2 added ``config_digest`` and ``history_json`` (NULL in upgraded v1 rows;
+readers derive the digest from ``config_json`` with :func:`dmlbench.results.fields.config_digest`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # ---- identity ----------------------------------------------------------------------------
 ROW_ID = "row_id"  # unique: <sweep_id>-<cell>-<trial key>
@@ -38,6 +41,7 @@ STATUS = "status"  # see STATUSES
 ERROR = "error"
 PARAMS_JSON = "params_json"
 CONFIG_JSON = "config_json"
+CONFIG_DIGEST = "config_digest"  # digest of config_json without per-run keys (seed, fold, paths)
 # ---- outcome -----------------------------------------------------------------------------
 MAP_AT_R = "map_at_r"
 R_PRECISION = "r_precision"
@@ -47,6 +51,7 @@ F1 = "f1"
 RECALL_KS = (1, 2, 4, 8, 10, 20, 30, 40, 50, 100, 1000)
 RECALL = tuple(f"recall_at_{k}" for k in RECALL_KS)
 METRICS_JSON = "metrics_json"  # every metric the trial logged at its selected epoch
+HISTORY_JSON = "history_json"  # [{"epoch": 0, "map_at_r": ..., ...}, ...]: every validation of the run
 EPOCHS = "epochs"  # epochs trained
 BEST_EPOCH = "best_epoch"
 STEPS = "steps"
@@ -90,8 +95,10 @@ SCHEMA = pa.schema(
         pa.field(ERROR, pa.string()),
         pa.field(PARAMS_JSON, pa.string()),
         pa.field(CONFIG_JSON, pa.string()),
+        pa.field(CONFIG_DIGEST, pa.string()),
         *[pa.field(m, pa.float64()) for m in METRIC_COLUMNS],
         pa.field(METRICS_JSON, pa.string()),
+        pa.field(HISTORY_JSON, pa.string()),
         pa.field(EPOCHS, pa.int64()),
         pa.field(BEST_EPOCH, pa.int64()),
         pa.field(STEPS, pa.int64()),
@@ -106,6 +113,8 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+#: columns added per version: an older row gets them as NULL when read (:func:`upgrade`)
+ADDED_IN: dict[int, tuple[str, ...]] = {2: (CONFIG_DIGEST, HISTORY_JSON)}
 
 
 class SchemaError(ValueError):
@@ -141,7 +150,8 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
 def upgrade(table: pa.Table) -> pa.Table:
     """Bring a table of an older schema version to :data:`SCHEMA_VERSION`.
 
-    Version 1 is the first; there is nothing older to upgrade. A newer version than this package
+    Columns added since a row's version (:data:`ADDED_IN`) are filled with NULL and the rows are
+    relabelled with the current version; nothing else changes. A newer version than this package
     knows raises :class:`SchemaError` naming the version needed.
     """
     if SCHEMA_VERSION_COL not in table.column_names:
@@ -151,5 +161,21 @@ def upgrade(table: pa.Table) -> pa.Table:
     if newer:
         raise SchemaError(
             f"rows have schema_version {newer[-1]} but this dmlbench reads up to {SCHEMA_VERSION}; upgrade dmlbench."
+        )
+    oldest = min((v for v in versions if v is not None), default=SCHEMA_VERSION)
+    addable = {c for v, cols in ADDED_IN.items() if v > oldest for c in cols}
+    for name in COLUMNS:
+        if name not in table.column_names:
+            if name not in addable:
+                raise SchemaError(
+                    f"rows of schema_version {oldest} lack the column {name!r}; the file is damaged."
+                )
+            table = table.append_column(
+                pa.field(name, SCHEMA.field(name).type), pa.nulls(len(table), SCHEMA.field(name).type)
+            )
+    if oldest < SCHEMA_VERSION:
+        idx = table.column_names.index(SCHEMA_VERSION_COL)
+        table = table.set_column(
+            idx, SCHEMA.field(SCHEMA_VERSION_COL), pa.array([SCHEMA_VERSION] * len(table), pa.int64())
         )
     return table.select(list(COLUMNS)).cast(SCHEMA)
