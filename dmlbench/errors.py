@@ -53,3 +53,7 @@ def close_matches(name: str, valid: list[str]) -> list[str]:
     tokens = set(name.lower().replace("-", "_").split("_"))
     found += [v for v in valid if v not in found and v.lower() in tokens]
     return found[:3]
+
+
+class SweepInterrupted(DmlbenchError):
+    """The driver was interrupted; the experiment state is saved and the sweep can be resumed."""

@@ -7,27 +7,15 @@ driver's row writer updates as trials start and end; pending = planned − done 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dmlbench.errors import DmlbenchError
 from dmlbench.orchestrator.spec import SweepSpec
+from dmlbench.orchestrator.sweepdir import PROGRESS_DIR
 from dmlbench.results import schema, store
-
-PROGRESS_DIR = "progress"
-
-
-def write_progress(sweep_path: Path, experiment: str, running: set[str]) -> None:
-    """Atomically record which trials of an experiment are running now."""
-    d = sweep_path / PROGRESS_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{experiment}.json.tmp"
-    tmp.write_text(json.dumps({"running": sorted(running), "updated": time.time()}))
-    os.replace(tmp, d / f"{experiment}.json")
 
 
 @dataclass

@@ -1,0 +1,272 @@
+"""The Ray Tune experiment of one cell: its search (Optuna + ASHA) or its final phase (the best params
+retrained with the final seeds), and the rows its terminal trials become.
+
+One experiment = one ``tune.Tuner`` with a deterministic name (:func:`spec.experiment_name`), so a
+restarted driver restores it with ``Tuner.restore``. Rows are written twice, idempotently (row ids
+are deterministic): by :class:`RowCallback` as each trial ends (so a killed driver loses no finished
+trial), and once more for every terminal trial after ``fit`` returns (which also surfaces a row that
+could not be written). The callback holds only plain, picklable data: Tune saves it with the
+experiment and hands it back on restore, so no private Tune attribute is ever patched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from dmlbench.errors import DmlbenchError, SweepInterrupted
+from dmlbench.orchestrator import cluster
+from dmlbench.orchestrator.planning import cell_base, cell_seed, cell_space, final_seeds
+from dmlbench.orchestrator.rows import build_row, sampled_params
+from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name
+from dmlbench.orchestrator.sweepdir import sweep_dir, write_progress
+from dmlbench.orchestrator.trainable import TIME_ATTR, TrainFn, run_trial
+from dmlbench.results import schema, store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellOutcome:
+    """What one cell produced: its rows by id and the best search trial's params and score."""
+
+    cell: Cell
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    best_params: dict[str, Any] | None = None
+    best_score: float | None = None
+
+
+@dataclass
+class RowSink:
+    """Everything needed to turn a terminal Tune trial of one experiment into a row (plain data)."""
+
+    spec: SweepSpec
+    cell: Cell
+    phase: str
+    base: dict[str, Any]
+    experiment: str
+
+    def row(self, trial: Any) -> dict[str, Any]:
+        """Build and write the row of a terminal trial; returns it."""
+        from dmlbench.search_spaces.loader import build_trial_config
+
+        params = sampled_params(dict(trial.config))
+        final = self.phase == "final"
+        seed = int(params.pop("seed", self.base["seed"])) if final else int(self.base["seed"])
+        fold = int(params.pop("fold", self.base["fold"])) if final else self.base["fold"]
+        base = {**self.base, "seed": seed, "fold": fold}
+        try:
+            cfg_json: str | None = build_trial_config(base, params).to_json()
+        except DmlbenchError:
+            cfg_json = None
+        error = _error_text(trial) if trial.status == "ERROR" else None
+        row = build_row(self.spec, self.cell, self.phase, trial.trial_id, cfg_json, params,
+                        dict(trial.last_result or {}), error, seed, fold, base)  # fmt: skip
+        store.write_row(sweep_dir(self.spec) / store.ROWS_DIR, row)
+        return row
+
+
+class RowCallback(tune.Callback):  # type: ignore[misc]
+    """Writes a row as each trial ends and keeps the experiment's progress file (``dmlbench status``).
+
+    A failed write (disk full) is logged, not raised: an exception inside a Tune callback would end
+    the experiment with a traceback; the driver writes every row again after ``fit`` and raises there.
+    """
+
+    def __init__(self, sink: RowSink):
+        self.sink = sink
+        self.running: set[str] = set()
+
+    def _progress(self, trial_id: str, running: bool) -> None:
+        (self.running.add if running else self.running.discard)(trial_id)
+        write_progress(sweep_dir(self.sink.spec), self.sink.experiment, self.running)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._progress(trial.trial_id, True)
+
+    def _ended(self, trial: Any) -> None:
+        try:
+            self.sink.row(trial)
+        except DmlbenchError as err:
+            log.warning("row of trial %s not written yet (%s); retried when the experiment ends", trial.trial_id, err)
+        self._progress(trial.trial_id, False)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial)
+
+
+def _error_text(trial: Any) -> str:
+    for attr in ("error_msg", "error_message"):
+        msg = getattr(trial, attr, None)
+        if msg:
+            return str(msg).strip().splitlines()[-1][:2000]
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = Path(path).read_text().strip().splitlines()
+        return lines[-1][:2000] if lines else "trial errored"
+    return "trial errored (see the Ray logs)"
+
+
+def _cell_split_hash(base: dict[str, Any]) -> str | None:
+    """The fold-manifest hash of a cell (the same for every trial and fold), read once here rather
+    than by every trial; None when the dataset cannot be read (the trials then fail with the reason)."""
+    from dmlbench.engine.trainer import split_hash
+    from dmlbench.search_spaces.loader import build_trial_config
+
+    try:
+        return split_hash(build_trial_config(base, {}))
+    except DmlbenchError:
+        return None
+
+
+def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None) -> Any:
+    """``run_trial`` bound to the cell's defaults, with the trial's resource request."""
+    fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn,
+                              split_hash=_cell_split_hash(base))  # fmt: skip
+    res: dict[str, float] = {"cpu": spec.cpus_per_trial}
+    if spec.gpus_per_trial > 0:
+        res["gpu"] = spec.gpus_per_trial
+    return tune.with_resources(fn, res)
+
+
+def sampler(spec: SweepSpec, cell: Cell) -> Any:
+    """The cell's Optuna TPE sampler: seeded per cell, with explicit settings (not version defaults)."""
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        seed=cell_seed(spec, cell),
+        n_startup_trials=max(1, min(10, spec.trials // 3)),
+        n_ei_candidates=24,
+        multivariate=False,
+        constant_liar=True,
+    )
+
+
+def run_config(spec: SweepSpec, sink: RowSink) -> Any:
+    return tune.RunConfig(
+        name=sink.experiment,
+        storage_path=cluster.storage_root(spec),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # the experiment state (trial statuses, searcher) reaches the storage path within ~2 s:
+        # a killed driver then restores finished trials as finished (Ray's default syncs every 300 s)
+        sync_config=tune.SyncConfig(sync_period=2),
+        callbacks=[RowCallback(sink)],
+        verbose=0,
+    )
+
+
+def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, out: CellOutcome) -> None:
+    """Run (or restore and continue) the experiment; every terminal trial ends as a row in ``out``.
+
+    Raises :class:`SweepInterrupted` when ``fit`` returned with unfinished trials (Ctrl-C: Tune
+    saved its state first), so the caller stops instead of moving on.
+    """
+    path = f"{cluster.storage_root(spec)}/{sink.experiment}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)  # fmt: skip
+    else:
+        tuner = make_tuner()
+    tuner.fit()
+    # the experiment state Tune saved when fit returned (public API; the ResultGrid hides statuses)
+    trials = tune.ExperimentAnalysis(path).trials
+    unfinished = 0
+    for trial in trials:
+        if trial.status not in ("TERMINATED", "ERROR"):
+            unfinished += 1
+            continue
+        row = sink.row(trial)
+        out.rows[row[schema.ROW_ID]] = row
+    write_progress(sweep_dir(spec), sink.experiment, set())
+    if unfinished:
+        raise SweepInterrupted(
+            f"sweep interrupted with {unfinished} unfinished trial(s) in {sink.experiment}; rerun the same command "
+            "(or add --resume) to continue where it stopped."
+        )
+
+
+def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellOutcome) -> None:
+    """The cell's search: Optuna (TPE, seeded) proposes, ASHA prunes on the validation metric."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from dmlbench.search_spaces.loader import load_space, load_space_file
+
+    override = None
+    if spec.search_space and load_space_file(spec.search_space).method == cell.method:
+        override = spec.search_space
+    space = cell_space(spec, load_space(cell.method, override), cell)
+    base = cell_base(spec, cell, "search")
+    sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell))
+    fn = trainable(spec, base, train_fn)
+
+    def make() -> Any:
+        search: Any = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
+                                   sampler=sampler(spec, cell), study_name=sink.experiment)  # fmt: skip
+        if spec.max_concurrent:
+            search = ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
+        asha = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=spec.epochs,
+                             grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)  # fmt: skip
+        return tune.Tuner(
+            fn,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=spec.trials, reuse_actors=True),
+            run_config=run_config(spec, sink),
+        )
+
+    fit(spec, sink, make, fn, out)
+    pick_best(spec, out)
+
+
+def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn: TrainFn | None,
+              out: CellOutcome) -> None:  # fmt: skip
+    """The cell's final phase: a grid over the final seeds with the best params, no searcher, no pruning.
+
+    Seed ``i`` trains on the training classes minus validation fold ``i mod folds`` and selects its
+    checkpoint (early stopping, CCP stages) on that fold, so nothing is ever selected on test data;
+    it is evaluated once on the test split.
+    """
+    base = cell_base(spec, cell, "final")
+    sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
+    fn = trainable(spec, base, train_fn)
+    seeds = final_seeds(spec)
+    fold_of = {s: i % spec.folds for i, s in enumerate(seeds)}
+    param_space = {
+        **best_params,
+        "seed": tune.grid_search(seeds),
+        "fold": tune.sample_from(lambda config: fold_of[config["seed"]]),
+    }
+
+    def make() -> Any:
+        return tune.Tuner(
+            fn,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
+            run_config=run_config(spec, sink),
+        )
+
+    fit(spec, sink, make, fn, out)
+
+
+def pick_best(spec: SweepSpec, out: CellOutcome) -> None:
+    """Best complete search trial of the cell (by the validation metric)."""
+    sign = 1.0 if spec.mode == "max" else -1.0
+    for row in out.rows.values():
+        if row[schema.PHASE] != "search" or row[schema.STATUS] != "complete":
+            continue
+        score = json.loads(row[schema.METRICS_JSON] or "{}").get(spec.metric)
+        if score is None:
+            continue
+        if out.best_score is None or sign * score > sign * out.best_score:
+            out.best_score = float(score)
+            out.best_params = json.loads(row[schema.PARAMS_JSON] or "{}")
