@@ -1,13 +1,15 @@
 """End to end: ``dmlbench train --method ccp --dataset digits`` changes stage, learns, and resumes exactly.
 
 Tiny backbone on CPU, 10-step rounds, stage patience 1 so stages end within a few rounds. The
-uninterrupted CLI run is the reference for the resume test (3 rounds, stop, resume to 6).
+uninterrupted CLI run is the reference for the resume test (the same config stopped after round 3,
+then run again: it must resume at round 4).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -79,13 +81,43 @@ def test_cli_run_changes_stage_and_beats_untrained(cli_run: Path) -> None:
     assert [h["epoch"] for h in hist if sc.step(h["map_at_r"]).project] == projections
 
 
-def test_checkpoint_resume_reproduces_controller_state(cli_run: Path, tmp_path: Path) -> None:
-    cfg = TrialConfig.from_yaml((cli_run / "config.yaml").read_text())
-    out = tmp_path / "resumed"
-    train(cfg.replace(epochs=3, output_dir=str(out)))
-    train(cfg.replace(epochs=EPOCHS, output_dir=str(out)))  # resumes from last.pt at round 3
+class _Interrupt(Exception):
+    """Raised by the report callback right after round 3's checkpoint (a simulated kill)."""
+
+
+def test_checkpoint_resume_reproduces_controller_state(
+    cli_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dmlbench.methods import METHODS
+
+    cls = METHODS.get("ccp")
+    real_loss = cls.loss
+    loss_calls: list[int] = []
+
+    def counted(self: Any, batch: Any) -> Any:
+        loss_calls.append(1)
+        return real_loss(self, batch)
+
+    monkeypatch.setattr(cls, "loss", counted)
+    # the SAME config for both calls: the first is stopped after round 3, the second must resume
+    cfg = TrialConfig.from_yaml((cli_run / "config.yaml").read_text()).replace(output_dir=str(tmp_path / "resumed"))
+    first: list[int] = []
+
+    def stop_after_3(epoch: int, metrics: dict[str, float], ckpt: str | None) -> None:
+        first.append(epoch)
+        if epoch == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train(cfg, report=stop_after_3)
+    assert first == [0, 1, 2, 3] and len(loss_calls) == 3 * 10
+    loss_calls.clear()
+    again: list[int] = []
+    train(cfg, report=lambda e, m, c: again.append(e))
+    assert again == [4, 5, 6], "the second call did not resume from round 3's checkpoint"
+    assert len(loss_calls) == (EPOCHS - 3) * 10
     full = torch.load(cli_run / "checkpoints" / "last.pt", weights_only=True)
-    resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["extra"]["controller"] == full["extra"]["controller"]
     assert resumed["extra"]["lam"] == full["extra"]["lam"]
     keys = ["map_at_r", "ccp/lambda", "ccp/n_projections", "ccp/stage_epoch", "ccp/projected"]
@@ -93,5 +125,6 @@ def test_checkpoint_resume_reproduces_controller_state(cli_run: Path, tmp_path: 
         [h.get(k) for k in keys] for h in full["trainer"]["history"]
     ]
     assert torch.equal(resumed["model"]["proxies"], full["model"]["proxies"])
+    assert len(resumed["extra"].get("anchors", [])) == len(full["extra"].get("anchors", []))
     for a, b in zip(resumed["extra"].get("anchors", []), full["extra"].get("anchors", [])):
         assert torch.equal(a, b)

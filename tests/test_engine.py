@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,16 +35,53 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path / "checkpoints" / "last.pt", weights_only=True)["model"]  # type: ignore[no-any-return]
 
 
-def test_resume_is_exact(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
+class _Interrupt(Exception):
+    """Raised by a report callback to stop a run right after an epoch's checkpoint (a simulated kill)."""
+
+
+def _stop_after(epoch: int, seen: list[int]) -> Any:
+    def report(e: int, m: dict[str, float], c: str | None) -> None:
+        seen.append(e)
+        if e == epoch:
+            raise _Interrupt
+
+    return report
+
+
+@pytest.fixture
+def loss_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every ``loss`` call of the proxyanchor method (one per training step)."""
+    cls = METHODS.get("proxyanchor")
+    real = cls.loss
+    calls: list[int] = []
+
+    def counted(self: Method, batch: Batch) -> LossOutput:
+        calls.append(1)
+        return real(self, batch)
+
+    monkeypatch.setattr(cls, "loss", counted)
+    return calls
+
+
+def test_resume_is_exact(tiny_cfg: dict[str, Any], tmp_path: Path, loss_calls: list[int]) -> None:
     straight = train(make(tiny_cfg, epochs=3, output_dir=str(tmp_path / "a")))
-    train(make(tiny_cfg, epochs=1, output_dir=str(tmp_path / "b")))
-    resumed = train(make(tiny_cfg, epochs=3, output_dir=str(tmp_path / "b")))
-    assert resumed.steps == straight.steps == 9
+    assert len(loss_calls) == 9
+    cfg = make(tiny_cfg, epochs=3, output_dir=str(tmp_path / "b"))  # the SAME config for both calls
+    first: list[int] = []
+    with pytest.raises(_Interrupt):
+        train(cfg, report=_stop_after(1, first))  # stopped after epoch 1's checkpoint and report
+    assert first == [0, 1]
+    loss_calls.clear()
+    again: list[int] = []
+    resumed = train(cfg, report=lambda e, m, c: again.append(e))
+    # the second call picked up where the checkpoint ended: epochs 2 and 3 only, 2 x 3 steps
+    assert again == [2, 3], "the second call did not resume from last.pt"
+    assert len(loss_calls) == 6 and resumed.steps == straight.steps == 9
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    assert resumed.history[-1]["map_at_r"] == straight.history[-1]["map_at_r"]
+    assert resumed.history == straight.history
 
 
 def test_corrupt_checkpoint_is_reported_not_restarted(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
@@ -62,11 +100,43 @@ def test_checkpoint_of_another_method_refused(tiny_cfg: dict[str, Any], tmp_path
         train(other)
 
 
-def test_final_phase_scores_test_once(tiny_cfg: dict[str, Any], tmp_path: Path) -> None:
-    res = train(make(tiny_cfg, phase="final", output_dir=str(tmp_path)))
+def test_final_phase_scores_test_once(
+    tiny_cfg: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spy on every evaluation: validation never touches a test image, and the test split is
+    scored exactly once, last, with the weights of the best validation epoch (here epoch 1 of 3)."""
+    from dmlbench.engine import trainer
+
+    real = trainer.evaluate_indices
+    calls: list[dict[str, Any]] = []
+    # validation MAP@R by step (3 steps per epoch): epoch 1 is the best, the last epoch is not
+    scripted = {3: 0.9, 6: 0.1, 9: 0.2}
+
+    def spy(method: Method, data: Any, indices: Any, cfg: TrialConfig, device: Any, **kw: Any) -> dict[str, float]:
+        metrics = real(method, data, indices, cfg, device, **kw)
+        weights = {k: v.detach().clone() for k, v in method.state_dict().items()}
+        calls.append({"indices": np.asarray(indices).copy(), "test": np.asarray(data.split.test).copy(),
+                      "weights": weights, "step": kw.get("step", 0)})  # fmt: skip
+        if not np.isin(indices, data.split.test).any():
+            metrics["map_at_r"] = scripted.get(kw.get("step", 0), 0.0)
+        return metrics
+
+    monkeypatch.setattr(trainer, "evaluate_indices", spy)
+    res = train(make(tiny_cfg, epochs=3, phase="final", output_dir=str(tmp_path)))
+
+    touching = [i for i, c in enumerate(calls) if np.isin(c["indices"], c["test"]).any()]
+    assert touching == [len(calls) - 1], "the test split was read before the final evaluation, or not once"
+    final = calls[-1]
+    assert len(final["test"]) > 0 and np.array_equal(np.sort(final["indices"]), np.sort(final["test"]))
+    by_step = {c["step"]: c["weights"] for c in calls[:-1]}
+    assert sorted(by_step) == [0, 3, 6, 9]
+    # scored on the epoch-1 (best validation) weights, not on the last epoch's
+    assert res.best_epoch == 1 and res.epochs_run == 3
+    assert all(torch.equal(final["weights"][k], v) for k, v in by_step[3].items()), "test not scored on best.pt"
+    assert not all(torch.equal(final["weights"][k], v) for k, v in by_step[9].items()), "scored the last epoch"
     assert res.eval_split == "test" and res.test_metrics is not None
     assert res.metrics == res.test_metrics and 0.0 <= res.metrics["map_at_r"] <= 1.0
-    assert all("map_at_r" in h for h in res.history)  # validation still ran on the fold
+    assert [h["map_at_r"] for h in res.history] == [0.0, 0.9, 0.1, 0.2]  # validation ran on the fold
 
 
 class _NaN(Method):
