@@ -10,7 +10,12 @@ from rich.table import Table
 from dmlbench.cli import EXIT_USER_ERROR, console, datasets_app, friendly
 
 
-@datasets_app.command("check", epilog="Examples:\n\n  dmlbench datasets check all --data-root /data/dml\n\n  dmlbench datasets check cub200 sop --verify")
+@datasets_app.command(
+    "check",
+    epilog="Examples:\n\n  dmlbench datasets check all --data-root /data/dml\n\n"
+    "  dmlbench datasets check all --data-root /data/dml,cars196=/mnt/cars\n\n"
+    "  dmlbench datasets check cub200 sop --verify",
+)
 @friendly
 def check(
     names: Annotated[
@@ -22,7 +27,11 @@ def check(
     *,
     data_root: Annotated[
         str | None,
-        typer.Option("--data-root", help="folder holding the dataset folders (default $DMLBENCH_DATA)"),
+        typer.Option(
+            "--data-root",
+            help="folder holding the datasets, and/or name=path entries, comma separated "
+            "(e.g. /data/dml,cars196=/mnt/cars; default $DMLBENCH_DATA)",
+        ),
     ] = None,
     skip_corrupt: Annotated[
         bool, typer.Option("--skip-corrupt", help="decode every image; count and skip the ones that fail")
@@ -44,7 +53,9 @@ def check(
         names, data_root, expect_full=not subset, skip_corrupt=skip_corrupt, verify_images=verify
     )
     table = Table(title="datasets")
-    for col in ("dataset", "status", "images", "classes", "train / test images", "split hash", "message"):
+    for col in ("dataset", "status"):
+        table.add_column(col, no_wrap=True)
+    for col in ("images", "classes", "train / test images", "split hash", "message"):
         table.add_column(col, overflow="fold")
     colours = {"found": "green", "missing": "yellow", "malformed": "red"}
     for r in results:
@@ -56,7 +67,7 @@ def check(
             f"{c['classes']:,}" if "classes" in c else "-",
             f"{c['train_images']:,} / {c['test_images']:,}" if "train_images" in c else "-",
             r.split_hash or "-",
-            r.message,
+            r.message + (f"; in {r.path} (layout {r.layout})" if r.path else ""),
         )
     console.print(table)
     if not all(r.usable for r in results):

@@ -4,7 +4,10 @@ Each benchmark module only knows how to read its official list files into a :cla
 (relative image paths, class ids, official split, query/gallery flags). Everything else lives
 here, once:
 
-* the data root (``root`` argument, else ``$DMLBENCH_DATA``) and the dataset folder under it;
+* finding the dataset: the ``root`` text (``--data-root``: roots and ``name=path`` entries, see
+  :mod:`dmlbench.datasets.roots`; else ``$DMLBENCH_DATA``), searched in the root itself, in folders
+  named like the dataset (case-insensitive) and one level below those, for any of the dataset's
+  accepted :class:`Layout` s (official archives as they unpack, and the names peer tools use);
 * the checks every user needs before a long sweep: list files present, every listed image on
   disk and non-empty, full-size counts (when ``expect_full``), classes with a single image where
   the protocol needs pairs, and (``verify_images`` / ``skip_corrupt``) a full decode of every image;
@@ -32,15 +35,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
 
 from dmlbench.datasets.base import DatasetCheck, DatasetSource, SampleTable
+from dmlbench.datasets.roots import DATA_ENV, data_roots, folder_key
 from dmlbench.errors import ConfigError, DatasetError, close_matches
-
-DATA_ENV = "DMLBENCH_DATA"
 
 #: options every benchmark accepts, with their defaults
 DEFAULT_OPTIONS: dict[str, bool] = {"expect_full": True, "skip_corrupt": False, "verify_images": False}
@@ -71,13 +73,95 @@ class Listing:
     #: ``(file, what, got)`` facts the list files state about themselves, checked against ``FULL``
     stated: list[tuple[str, str, int]] = field(default_factory=list)
 
+    def select(self, part: str | None) -> np.ndarray:
+        """Row indices of ``part``: None (all), "train", "test", "query" or "gallery"."""
+        if part is None:
+            return np.arange(len(self.rel_paths))
+        if part in ("train", "test"):
+            return np.flatnonzero(self.split == part)
+        flags = {"query": self.is_query, "gallery": self.is_gallery}.get(part)
+        if flags is None:
+            raise ConfigError(
+                f"unknown split {part!r}; use train or test"
+                + (", query or gallery." if self.is_query is not None else ".")
+            )
+        return np.flatnonzero(flags)
 
-def resolve_root(root: str | os.PathLike[str] | None) -> Path | None:
-    """The data root: ``root`` if given, else ``$DMLBENCH_DATA``, else ``None``."""
-    if root is not None and str(root) != "":
-        return Path(root).expanduser()
-    env = os.environ.get(DATA_ENV, "")
-    return Path(env).expanduser() if env else None
+
+@dataclass(frozen=True)
+class Layout:
+    """One accepted on-disk layout of a benchmark.
+
+    Attributes:
+        key: short name shown by ``datasets check`` (e.g. ``"car_ims"``).
+        markers: paths relative to the dataset folder (files or folders) that must all exist.
+        description: what the layout looks like, for messages and docs.
+    """
+
+    key: str
+    markers: tuple[str, ...]
+    description: str
+
+
+def candidate_folders(base: Path, names: set[str]) -> list[Path]:
+    """Where a dataset may sit under ``base``: ``base`` itself, then each sub-folder whose
+    :func:`~dmlbench.datasets.roots.folder_key` is in ``names``, each followed by its own
+    sub-folders with such a name (one wrapper level, e.g. ``cub2011/CUB_200_2011``)."""
+
+    def named_children(folder: Path) -> list[Path]:
+        try:
+            return sorted(p for p in folder.iterdir() if folder_key(p.name) in names and p.is_dir())
+        except OSError:
+            return []
+
+    out = [base]
+    for child in named_children(base):
+        out.append(child)
+        out.extend(named_children(child))
+    return out
+
+
+ProblemKind = Literal["missing", "empty", "truncated", "corrupt"]
+
+
+@dataclass(frozen=True)
+class ImageProblem:
+    """An image that cannot be used; ``message`` is one sentence naming the file."""
+
+    path: str
+    kind: ProblemKind
+    message: str
+
+
+def image_problem(path: str, dataset: str) -> ImageProblem | None:
+    """What is wrong with one image file (missing, empty, truncated, corrupt), or None.
+
+    Decodes the whole file with PIL (``Image.load``), so a JPEG cut short is caught even when
+    its header is intact (with PIL's default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``).
+    """
+    fix = "replace it from the original archive"
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return ImageProblem(path, "missing", f"the image {path} of {dataset} is missing; re-extract the official archive.")
+    if size == 0:
+        return ImageProblem(path, "empty", f"the image {path} of {dataset} is an empty file; {fix}.")
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        kind: ProblemKind = "truncated" if "truncated" in str(err).lower() else "corrupt"
+        what = "is truncated" if kind == "truncated" else "cannot be decoded"
+        return ImageProblem(path, kind, f"the image {path} of {dataset} {what} ({err}); {fix}.")
+    return None
+
+
+def find_image_problems(paths: Sequence[str], dataset: str, workers: int | None = None) -> list[ImageProblem]:
+    """:func:`image_problem` of every path, in order, problems only (threads; PIL drops the GIL)."""
+    n = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        found = list(pool.map(lambda p: image_problem(p, dataset), paths, chunksize=64))
+    return [p for p in found if p is not None]
 
 
 def split_hash(labels: np.ndarray, split: np.ndarray) -> str:
@@ -122,20 +206,9 @@ class ImageFileLoader:
 
 
 def find_corrupt(paths: Sequence[str], workers: int | None = None) -> list[int]:
-    """Indices of the files in ``paths`` that PIL cannot fully decode (threads; PIL drops the GIL)."""
-
-    def bad(path: str) -> bool:
-        try:
-            with Image.open(path) as im:
-                im.load()
-            return False
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return True
-
-    n = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        flags = list(pool.map(bad, paths, chunksize=64))
-    return [i for i, f in enumerate(flags) if f]
+    """Indices of the files in ``paths`` that PIL cannot fully decode (empty and truncated included)."""
+    bad = {p.path for p in find_image_problems(paths, "", workers) if p.kind != "missing"}
+    return [i for i, p in enumerate(paths) if p in bad]
 
 
 def single_image_classes(labels: np.ndarray, mask: np.ndarray | None = None) -> list[int]:
@@ -150,15 +223,16 @@ def _fmt(n: int) -> str:
 
 
 class BenchmarkSource(DatasetSource):
-    """A benchmark read from its official list files under ``<data root>/<folder>``.
+    """A benchmark read from its official list files, found under the data root(s).
 
-    Subclasses set ``name``, ``folder``, ``how_to_get``, ``recall_ks``, ``list_files`` (checked for
-    presence first), ``FULL`` (the full-size counts, asserted when ``expect_full``) and implement
+    Subclasses set ``name``, ``folder`` (the canonical folder name), ``folder_names`` (other names
+    it is found under), ``how_to_get``, ``recall_ks``, ``layouts`` (accepted layouts, tried in
+    order), ``FULL`` (the full-size counts, asserted when ``expect_full``) and implement
     :meth:`read_listing`.
     """
 
-    #: files (relative to the dataset folder) that must exist before anything is read
-    list_files: ClassVar[tuple[str, ...]] = ()
+    #: the accepted layouts, in the order they are tried in each candidate folder
+    layouts: ClassVar[tuple[Layout, ...]] = ()
     #: full-size counts: keys among images, classes, train_images, train_classes, test_images,
     #: test_classes, query_images, gallery_images
     FULL: ClassVar[dict[str, int]] = {}
@@ -180,42 +254,102 @@ class BenchmarkSource(DatasetSource):
                 )
         super().__init__(root, **{**DEFAULT_OPTIONS, **options})
         self._table: SampleTable | None = None
+        self._listing: tuple[Path, Layout, Listing] | None = None
         #: absolute paths of the images dropped by ``skip_corrupt`` in the last ``table()``
         self.skipped: list[str] = []
 
     # ---- subclass hook ----------------------------------------------------------------------
-    def read_listing(self, folder: Path) -> Listing:
-        """Parse the official list files in ``folder``; raise :class:`DatasetError` if malformed."""
+    def read_listing(self, folder: Path, layout: Layout) -> Listing:
+        """Parse the list files of ``layout`` in ``folder`` (image paths relative to ``folder``);
+        raise :class:`DatasetError` if malformed."""
         raise NotImplementedError
 
     # ---- locating ---------------------------------------------------------------------------
-    def dataset_dir(self) -> Path:
-        """``<root>/<folder>`` (or the root itself when it already is that folder); raises if absent."""
-        root = resolve_root(self.root)
-        if root is None:
+    @classmethod
+    def accepted_layouts(cls) -> str:
+        """The accepted layouts in one line, for messages."""
+        return "; or ".join(layout.description for layout in cls.layouts)
+
+    def locate(self) -> tuple[Path, Layout]:
+        """The dataset folder and its layout; raises :class:`DatasetMissing` naming what is absent.
+
+        Searches each root (or the dataset's explicit ``name=path``) with :func:`candidate_folders`
+        and returns the first folder where every marker of some layout exists.
+        """
+        roots = data_roots(self.root)
+        bases = roots.for_dataset(self.name)
+        if not bases:
             raise DatasetMissing(
                 f"no data root for {self.name}: pass --data-root or set ${DATA_ENV} to the folder that "
-                f"contains {self.folder}/ (see docs/datasets.md)."
+                f"contains {self.folder}/ (or --data-root {self.name}=PATH; see docs/datasets.md)."
             )
-        if not root.is_dir():
-            raise DatasetMissing(
-                f"the data root {root} does not exist; pass --data-root or set ${DATA_ENV} to the folder "
-                f"that contains {self.folder}/."
-            )
-        if (root / self.folder).is_dir():
-            candidate = root / self.folder
-        elif root.name == self.folder:  # --data-root points at the dataset folder itself
-            candidate = root
-        else:
-            raise DatasetMissing(
-                f"{self.name} not found: expected the folder {root / self.folder}; {self.how_to_get}"
-            )
-        for f in self.list_files:
-            if not (candidate / f).is_file():
+        explicit = self.name in roots.explicit
+        names = {folder_key(n) for n in (self.name, self.folder, *self.folder_names)}
+        partial: tuple[int, Path, Layout] | None = None
+        for base in bases:
+            if not base.is_dir():
+                given = f"the path {base} given as {self.name}=" if explicit else f"the data root {base}"
                 raise DatasetMissing(
-                    f"{self.name} is incomplete: the list file {candidate / f} is missing; {self.how_to_get}"
+                    f"{given} does not exist; pass --data-root or set ${DATA_ENV} to the folder "
+                    f"that contains {self.folder}/ (or --data-root {self.name}=PATH)."
                 )
-        return candidate
+            for folder in candidate_folders(base, names):
+                for layout in self.layouts:
+                    present = [m for m in layout.markers if (folder / m).exists()]
+                    if len(present) == len(layout.markers):
+                        return folder, layout
+                    # a folder named like the dataset (or given for it), or a list file present:
+                    # the user meant this to be the dataset, so name what is missing
+                    meant = explicit or folder != base or any((folder / m).is_file() for m in present)
+                    if present and meant and (partial is None or len(present) > partial[0]):
+                        partial = (len(present), folder, layout)
+        if partial is not None:
+            _, folder, layout = partial
+            absent = next(m for m in layout.markers if not (folder / m).exists())
+            what = "the list file" if "." in Path(absent).name else "the folder"
+            raise DatasetMissing(
+                f"{self.name} is incomplete: {what} {folder / absent} is missing (layout "
+                f"{layout.key!r}: {layout.description}); {self.how_to_get}"
+            )
+        where = roots.describe(self.name)
+        raise DatasetMissing(
+            f"{self.name} not found under {where}: expected {self.accepted_layouts()}, in the root itself or in "
+            f"a folder named {self.folder} (case-insensitive; also {', '.join(self.folder_names)}); "
+            f"{self.how_to_get}"
+        )
+
+    def dataset_dir(self) -> Path:
+        """The folder the dataset was found in (see :meth:`locate`)."""
+        return self.locate()[0]
+
+    def listing(self) -> tuple[Path, Layout, Listing]:
+        """The dataset folder, its layout and what its list files say (read once, cached)."""
+        if self._listing is None:
+            folder, layout = self.locate()
+            listing = self.read_listing(folder, layout)
+            if len(listing.rel_paths) == 0:
+                raise DatasetError(f"{folder / listing.list_file} lists no images; re-extract the official archive.")
+            self._listing = (folder, layout, listing)
+        return self._listing
+
+    def image_problems(
+        self, part: str | None = None, sample: int | None = None, seed: int = 0, workers: int | None = None
+    ) -> list[ImageProblem]:
+        """Missing, empty, truncated or corrupt images of one split (``part``: None = all, "train",
+        "test", "query", "gallery"), optionally of a seeded random ``sample`` of its images.
+
+        Reads the list files (raises :class:`DatasetError` if they are missing or malformed) and
+        decodes each chosen image fully; returns the problems in list order, each with one sentence
+        naming the file. The full-size count checks are not applied here.
+        """
+        folder, _, listing = self.listing()
+        rows = listing.select(part)
+        if sample is not None and sample < len(rows):
+            if sample < 0:
+                raise ConfigError(f"the image sample size must be >= 0, got {sample}.")
+            rows = np.sort(np.random.default_rng(seed).choice(rows, size=sample, replace=False))
+        paths = [str(folder / listing.rel_paths[i]) for i in rows.tolist()]
+        return find_image_problems(paths, self.name, workers)
 
     # ---- reading ----------------------------------------------------------------------------
     def table(self) -> SampleTable:
@@ -224,16 +358,11 @@ class BenchmarkSource(DatasetSource):
         return self._table
 
     def _build_table(self) -> SampleTable:
-        folder = self.dataset_dir()
-        listing = self.read_listing(folder)
-        if len(listing.rel_paths) == 0:
-            raise DatasetError(
-                f"{self.folder}/{listing.list_file} lists no images; re-extract the official archive."
-            )
+        folder, _, listing = self.listing()
         if self.options["expect_full"]:
-            self._check_full_counts(listing)
+            self._check_full_counts(folder, listing)
         paths = [str(folder / p) for p in listing.rel_paths]
-        self._check_files_present(paths, listing)
+        self._check_files_present(folder, paths, listing)
         keep = np.ones(len(paths), dtype=bool)
         self.skipped = []
         if self.options["skip_corrupt"] or self.options["verify_images"]:
@@ -260,18 +389,18 @@ class BenchmarkSource(DatasetSource):
             paths=kept_paths,
         )
 
-    def _check_full_counts(self, listing: Listing) -> None:
+    def _check_full_counts(self, folder: Path, listing: Listing) -> None:
         counts = listing_counts(listing.labels, listing.split, listing.is_query, listing.is_gallery)
         facts = [(listing.list_file, k, counts[k]) for k in self.FULL if k in counts] + listing.stated
         for file, what, got in facts:
             expected = self.FULL.get(what)
             if expected is not None and got != expected:
                 raise DatasetError(
-                    f"{self.folder}/{file} gives {_fmt(got)} {what.replace('_', ' ')} but the full {self.name} "
+                    f"{folder / file} gives {_fmt(got)} {what.replace('_', ' ')} but the full {self.name} "
                     f"has {_fmt(expected)}; re-extract the official archive, or pass expect_full=False (--subset) to use a subset."
                 )
 
-    def _check_files_present(self, paths: list[str], listing: Listing) -> None:
+    def _check_files_present(self, folder: Path, paths: list[str], listing: Listing) -> None:
         missing: list[str] = []
         empty: list[str] = []
         for p in paths:
@@ -282,8 +411,8 @@ class BenchmarkSource(DatasetSource):
                 missing.append(p)
         if missing:
             raise DatasetError(
-                f"{self.folder}/{listing.list_file} names {_fmt(len(missing))} image(s) that are not on disk, "
-                f"first {missing[0]}; re-extract the official archive into {Path(paths[0]).parents[0]}."
+                f"{folder / listing.list_file} names {_fmt(len(missing))} image(s) that are not on disk, "
+                f"first {missing[0]}; re-extract the official archive into {folder}."
             )
         if empty and not self.options["skip_corrupt"]:
             raise DatasetError(
@@ -326,11 +455,16 @@ class BenchmarkSource(DatasetSource):
             msg += f", {len(self.skipped)} corrupt skipped"
         if not self.options["expect_full"]:
             msg += " (full-size counts not asserted)"
+        folder, layout, _ = self.listing()
         try:
             hash_ = protocol_split_hash(table, self.name)
         except DatasetError as err:
-            return DatasetCheck(self.name, "malformed", str(err), counts=counts)
-        return DatasetCheck(self.name, "found", msg, counts=counts, split_hash=hash_)
+            return DatasetCheck(
+                self.name, "malformed", str(err), counts=counts, path=str(folder), layout=layout.key
+            )
+        return DatasetCheck(
+            self.name, "found", msg, counts=counts, split_hash=hash_, path=str(folder), layout=layout.key
+        )
 
 
 #: fold settings of the split hash shown by ``check()`` (TrialConfig's defaults)

@@ -55,6 +55,9 @@ class DatasetCheck:
     message: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     split_hash: str | None = None
+    #: the dataset folder found and the layout it was read in (``found`` only)
+    path: str | None = None
+    layout: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -74,6 +77,8 @@ class DatasetSource(ABC):
     #: folder name under the data root, and where to get the data (docs/datasets.md)
     folder: ClassVar[str] = ""
     how_to_get: ClassVar[str] = ""
+    #: other folder names the dataset is found under (case and punctuation are ignored)
+    folder_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: str | None = None, **options: Any):
         self.root = root

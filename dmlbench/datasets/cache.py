@@ -273,7 +273,7 @@ def _build(table: SampleTable, folder: Path, meta: dict[str, Any], workers: int 
         os.fsync(f.fileno())
     np.save(folder / INDEX, index, allow_pickle=False)
     meta = {**meta, "total_bytes": offset, "build_seconds": round(time.time() - start, 3)}
-    with open(folder / META, "w") as f:  # written last: its presence marks a complete build
-        json.dump(meta, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(folder / META, "w") as mf:  # written last: its presence marks a complete build
+        json.dump(meta, mf, indent=1, sort_keys=True)
+        mf.flush()
+        os.fsync(mf.fileno())

@@ -3,15 +3,17 @@
 ``check_datasets`` resolves ``all`` to the four benchmarks, builds each source with the data root
 and options, and returns one :class:`~dmlbench.datasets.base.DatasetCheck` per dataset without
 raising; ``require_usable`` raises one :class:`~dmlbench.errors.DatasetError` naming every
-unusable dataset (what the sweep calls before Ray starts).
+unusable dataset (what the sweep calls before Ray starts); ``image_problems`` decodes the images of
+one split (or a seeded sample of them) and returns each missing, empty, truncated or corrupt file
+with one sentence naming it (what the preflight calls).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dmlbench.datasets._common import DEFAULT_OPTIONS, BenchmarkSource
-from dmlbench.datasets.base import DATASETS, DatasetCheck
+from dmlbench.datasets._common import DEFAULT_OPTIONS, BenchmarkSource, ImageProblem
+from dmlbench.datasets.base import DATASETS, DatasetCheck, DatasetSource
 from dmlbench.errors import DatasetError, DmlbenchError
 
 #: what ``all`` means: the four standard DML benchmarks
@@ -51,6 +53,7 @@ def check_datasets(
     results: list[DatasetCheck] = []
     for name in expand_names(names):
         cls = DATASETS.get(name)
+        source: DatasetSource
         try:
             if issubclass(cls, BenchmarkSource):
                 source = cls(root, **{k: v for k, v in options.items() if k in DEFAULT_OPTIONS})
@@ -72,3 +75,27 @@ def require_usable(
         detail = " ".join(f"{c.name} is {c.status}: {c.message}" for c in bad)
         raise DatasetError(f"{len(bad)} of {len(checks)} dataset(s) cannot be used. {detail}")
     return checks
+
+
+def image_problems(
+    name: str,
+    root: str | None = None,
+    part: str | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> list[ImageProblem]:
+    """The unusable images of dataset ``name``'s split ``part`` (None: all; "train", "test",
+    "query", "gallery"), of a seeded random ``sample`` of them when given.
+
+    ``root`` is the ``--data-root`` text. Raises :class:`DatasetError` when the dataset itself cannot
+    be found or its list files are malformed; embedded datasets have no files and return ``[]``.
+
+    Example:
+        >>> [p.message for p in image_problems("cub200", "/data/dml", part="train", sample=500)]  # doctest: +SKIP
+        ['the image /data/dml/CUB_200_2011/images/001.Black_footed_Albatross/x.jpg of cub200 is truncated (...); ...']
+    """
+    cls = DATASETS.get(name)
+    if not issubclass(cls, BenchmarkSource):
+        return []
+    return cls(root, expect_full=False).image_problems(part, sample=sample, seed=seed, workers=workers)

@@ -1,9 +1,11 @@
 """CUB200-2011 (Caltech-UCSD Birds): 11,788 images of 200 bird species.
 
-Official layout under ``<data root>/CUB_200_2011/``::
+Official layout, as ``CUB_200_2011.tgz`` unpacks (``CUB_200_2011/``; also found as ``cub200/``,
+``CUB/``, powerful-benchmarker's ``cub2011/CUB_200_2011/`` ...)::
 
     images.txt               "<image_id> <folder>/<file>.jpg"     (1-based ids, 11,788 lines)
     image_class_labels.txt   "<image_id> <class_id>"              (class ids 1..200)
+    classes.txt, train_test_split.txt, bounding_boxes.txt, ...    (not needed)
     images/<folder>/<file>.jpg
 
 DML protocol: classes 1-100 train (5,864 images), 101-200 test (5,924 images), Recall@1,2,4,8.
@@ -16,7 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from dmlbench.datasets._common import BenchmarkSource, Listing, malformed_line, read_text_lines
+from dmlbench.datasets._common import BenchmarkSource, Layout, Listing, malformed_line, read_text_lines
 from dmlbench.datasets.base import DATASETS
 from dmlbench.errors import DatasetError
 
@@ -35,7 +37,14 @@ class CUB200(BenchmarkSource):
         "download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ "
         "(data.caltech.edu/records/65de6-vp158) and extract it under the data root."
     )
-    list_files: ClassVar[tuple[str, ...]] = ("images.txt", "image_class_labels.txt")
+    folder_names: ClassVar[tuple[str, ...]] = ("cub200", "cub", "cub2011")
+    layouts: ClassVar[tuple[Layout, ...]] = (
+        Layout(
+            "CUB_200_2011",
+            ("images.txt", "image_class_labels.txt", "images"),
+            "images.txt + image_class_labels.txt + images/ (CUB_200_2011.tgz unpacked)",
+        ),
+    )
     FULL: ClassVar[dict[str, int]] = {
         "images": 11788,
         "classes": 200,
@@ -45,7 +54,7 @@ class CUB200(BenchmarkSource):
         "test_classes": 100,
     }
 
-    def read_listing(self, folder: Path) -> Listing:
+    def read_listing(self, folder: Path, layout: Layout) -> Listing:
         images = _id_table(folder / "images.txt", "<image_id> <folder>/<file>.jpg")
         labels_txt = _id_table(folder / "image_class_labels.txt", "<image_id> <class_id>")
         if set(images) != set(labels_txt):

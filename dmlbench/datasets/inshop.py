@@ -1,12 +1,16 @@
 """In-shop Clothes Retrieval (DeepFashion): 52,712 images of 7,982 clothing items.
 
-Layout under ``<data root>/InShop/`` (the benchmark's ``list_eval_partition.txt`` next to the
-extracted ``img/`` folder of ``img.zip``)::
+Accepted layouts (in a folder named ``InShop``, ``inshop``, ``In-shop Clothes Retrieval Benchmark``,
+``DeepFashion_InShop`` ... under the data root, or given as ``--data-root inshop=PATH``)::
 
-    list_eval_partition.txt   line 1: the number of images (52712)
-                              line 2: header "image_name item_id evaluation_status"
-                              then "img/WOMEN/Dresses/id_00000002/02_1_front.jpg id_00000002 train"
-    img/MEN/... img/WOMEN/...
+    Eval      Eval/list_eval_partition.txt + Img/img/MEN/... Img/img/WOMEN/...
+              (the benchmark folder as distributed, with Img/img.zip extracted in place)
+    Eval-img  Eval/list_eval_partition.txt + img/...              (mirrors with img/ at the top)
+    flat      list_eval_partition.txt + img/...                   (the two side by side)
+
+``list_eval_partition.txt``: line 1 the number of images (52712); line 2 the header
+"image_name item_id evaluation_status"; then lines such as
+"img/WOMEN/Dresses/id_00000002/02_1_front.jpg id_00000002 train" (status train, query or gallery).
 
 DML protocol: 25,882 train images of 3,997 items; the test items (3,985) are split into 14,218
 query and 12,612 gallery images; each query retrieves from the gallery only (Recall@1,10,20,30,40,50).
@@ -19,12 +23,23 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dmlbench.datasets._common import BenchmarkSource, Listing, malformed_line, read_text_lines
+from dmlbench.datasets._common import BenchmarkSource, Layout, Listing, malformed_line, read_text_lines
 from dmlbench.datasets.base import DATASETS
 from dmlbench.errors import DatasetError
 
 INSHOP_HEADER = ["image_name", "item_id", "evaluation_status"]
 STATUSES = ("train", "query", "gallery")
+PARTITION = "list_eval_partition.txt"
+
+#: layout -> (partition file, folder the listed ``img/...`` paths are relative to)
+DISTRIBUTED = Layout(
+    "Eval",
+    (f"Eval/{PARTITION}", "Img/img"),
+    f"Eval/{PARTITION} + Img/img/ (the benchmark folder as distributed, Img/img.zip extracted in place)",
+)
+EVAL_IMG = Layout("Eval-img", (f"Eval/{PARTITION}", "img"), f"Eval/{PARTITION} + img/")
+FLAT = Layout("flat", (PARTITION, "img"), f"{PARTITION} + img/ side by side")
+_FILES = {DISTRIBUTED.key: (f"Eval/{PARTITION}", "Img/"), EVAL_IMG.key: (f"Eval/{PARTITION}", ""), FLAT.key: (PARTITION, "")}
 
 
 @DATASETS.register("inshop")
@@ -38,12 +53,20 @@ class InShop(BenchmarkSource):
     preset: ClassVar[dict[str, Any]] = {"val_clustering": False}
     query_gallery: ClassVar[bool] = True
     folder: ClassVar[str] = "InShop"
+    folder_names: ClassVar[tuple[str, ...]] = (
+        "In-shop Clothes Retrieval Benchmark",
+        "In-shop",
+        "inshop_clothes",
+        "DeepFashion_InShop",
+        "deepfashion",
+        "deepfashion_inshop",
+    )
     how_to_get: ClassVar[str] = (
         "request the DeepFashion In-shop Clothes Retrieval Benchmark at "
-        "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html, then put "
-        "Eval/list_eval_partition.txt and the extracted img/ folder of Img/img.zip into <data root>/InShop/."
+        "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html, put its folder (with "
+        "Eval/list_eval_partition.txt) under the data root and extract Img/img.zip in place (Img/img/)."
     )
-    list_files: ClassVar[tuple[str, ...]] = ("list_eval_partition.txt",)
+    layouts: ClassVar[tuple[Layout, ...]] = (DISTRIBUTED, EVAL_IMG, FLAT)
     FULL: ClassVar[dict[str, int]] = {
         "images": 52712,
         "classes": 7982,
@@ -54,8 +77,9 @@ class InShop(BenchmarkSource):
         "gallery_images": 12612,
     }
 
-    def read_listing(self, folder: Path) -> Listing:
-        path = folder / "list_eval_partition.txt"
+    def read_listing(self, folder: Path, layout: Layout) -> Listing:
+        list_file, image_prefix = _FILES[layout.key]
+        path = folder / list_file
         lines = read_text_lines(path)
         if not lines or not lines[0].isdigit():
             raise malformed_line(path, 1, lines[0] if lines else "", "<number of images>")
@@ -69,7 +93,7 @@ class InShop(BenchmarkSource):
             parts = line.split()
             if len(parts) != 3 or parts[2] not in STATUSES or not _is_item(parts[1]):
                 raise malformed_line(path, n, line, "img/<...>.jpg id_<8 digits> train|query|gallery")
-            rel.append(parts[0])
+            rel.append(image_prefix + parts[0])
             items.append(int(parts[1][3:]))
             status.append(parts[2])
         if declared != len(rel):
@@ -90,10 +114,10 @@ class InShop(BenchmarkSource):
             rel,
             labels,
             split,
-            list_file="list_eval_partition.txt",
+            list_file=list_file,
             is_query=st == "query",
             is_gallery=st == "gallery",
-            stated=[("list_eval_partition.txt", "images", declared)],
+            stated=[(list_file, "images", declared)],
         )
 
     def check_pairs(

@@ -1,6 +1,7 @@
 """Stanford Online Products (SOP): 120,053 images of 22,634 products (12 super-classes).
 
-Official layout under ``<data root>/Stanford_Online_Products/``::
+Official layout, as ``Stanford_Online_Products.zip`` unpacks (``Stanford_Online_Products/``; also
+found as ``sop/``, ``online_products/`` ...)::
 
     Ebay_train.txt   header "image_id class_id super_class_id path", then e.g.
                      "1 1 1 bicycle_final/111085122871_0.JPG"        (59,551 images, classes 1..11,318)
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dmlbench.datasets._common import BenchmarkSource, Listing, malformed_line, read_text_lines
+from dmlbench.datasets._common import BenchmarkSource, Layout, Listing, malformed_line, read_text_lines
 from dmlbench.datasets.base import DATASETS
 from dmlbench.errors import DatasetError
 
@@ -38,7 +39,14 @@ class StanfordOnlineProducts(BenchmarkSource):
         "download Stanford_Online_Products.zip from https://cvgl.stanford.edu/projects/lifted_struct/ "
         "and extract it under the data root."
     )
-    list_files: ClassVar[tuple[str, ...]] = ("Ebay_train.txt", "Ebay_test.txt")
+    folder_names: ClassVar[tuple[str, ...]] = ("sop", "online_products", "stanford_products")
+    layouts: ClassVar[tuple[Layout, ...]] = (
+        Layout(
+            "Ebay",
+            ("Ebay_train.txt", "Ebay_test.txt"),
+            "Ebay_train.txt + Ebay_test.txt + the 12 <super class>_final/ folders (Stanford_Online_Products.zip unpacked)",
+        ),
+    )
     FULL: ClassVar[dict[str, int]] = {
         "images": 120053,
         "classes": 22634,
@@ -48,7 +56,7 @@ class StanfordOnlineProducts(BenchmarkSource):
         "test_classes": 11316,
     }
 
-    def read_listing(self, folder: Path) -> Listing:
+    def read_listing(self, folder: Path, layout: Layout) -> Listing:
         rel: list[str] = []
         labels: list[int] = []
         split: list[str] = []
