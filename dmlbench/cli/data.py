@@ -67,8 +67,11 @@ def check(
             f"{c['classes']:,}" if "classes" in c else "-",
             f"{c['train_images']:,} / {c['test_images']:,}" if "train_images" in c else "-",
             r.split_hash or "-",
-            r.message + (f"; in {r.path} (layout {r.layout})" if r.path else ""),
+            r.message,
         )
     console.print(table)
+    for r in results:
+        if r.path:
+            console.print(f"{r.name}: {r.path} (layout {r.layout})", soft_wrap=True)
     if not all(r.usable for r in results):
         raise typer.Exit(EXIT_USER_ERROR)
