@@ -124,7 +124,26 @@ class TrialConfig(StrictModel):
 
     # runtime
     device: str = "auto"
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(
+        default=0, ge=0, description="data-loader worker processes (0: load in the trial process); "
+        "see dmlbench.engine.runtime.loader_settings for the defaults per --cpus-per-trial",
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="intra-op CPU threads of the trial process; None: as torch starts (OMP_NUM_THREADS)"
+    )
+    pin_memory: bool | None = Field(
+        default=None, description="page-locked batches for asynchronous host-to-device copies; None: on when training on CUDA"
+    )
+    channels_last: bool | None = Field(
+        default=None, description="NHWC memory format for model and batches; None: on for convolutional backbones on CUDA"
+    )
+    torch_compile: bool = Field(
+        default=False, description="compile the backbone's forward with torch.compile (first steps slower; needs a C compiler)"
+    )
+    sync_every: int = Field(
+        default=50, ge=1, description="training steps between host synchronisations: step logs stay on the device and "
+        "the non-finite loss check reads them back every this many steps and at the end of each epoch",
+    )
     eval_batch_size: int = Field(default=256, ge=1)
     eval_chunk: int = Field(default=4096, ge=1)
     knn_backend: Literal["auto", "torch", "faiss"] = "auto"

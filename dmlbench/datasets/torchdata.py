@@ -107,10 +107,18 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 def make_loader(
     dataset: ImageDataset, batch_size: int | None = None, sampler: ClassBalancedBatchSampler | None = None,
-    num_workers: int = 0,
+    num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool = False,
 ) -> DataLoader[Batch]:
-    common = dict(num_workers=num_workers, collate_fn=collate, persistent_workers=False,
-                  pin_memory=torch.cuda.is_available())
+    """A loader of :class:`Batch` (uint8 images): class-balanced batches from ``sampler``, else
+    ``batch_size`` images in order.
+
+    ``pin_memory=None`` pins when CUDA is available (see :func:`dmlbench.engine.runtime.pin_memory_for`
+    for the trial's own choice); ``persistent_workers`` keeps worker processes alive between epochs
+    (only with ``num_workers > 0``). Workers run one intra-op thread each (PyTorch's default).
+    """
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    common = dict(num_workers=num_workers, collate_fn=collate, persistent_workers=persistent_workers and num_workers > 0,
+                  pin_memory=pin)
     if sampler is not None:
         return DataLoader(dataset, batch_sampler=sampler, **common)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +31,10 @@ from dmlbench.datasets.splits import SplitManifest, TrialSplit, make_manifest, t
 from dmlbench.datasets.torchdata import ClassBalancedBatchSampler, ImageDataset, make_loader
 from dmlbench.datasets.transforms import build_transform
 from dmlbench.engine.backbones import build_backbone
+from dmlbench.engine.runtime import pin_memory_for, trial_runtime, use_channels_last
 from dmlbench.errors import CheckpointError, ConfigError, DatasetError, Diverged
 from dmlbench.fsutil import atomic_open
-from dmlbench.methods import METHODS, Method, TrainContext
+from dmlbench.methods import METHODS, Batch, LossOutput, Method, TrainContext
 from dmlbench.methods.base import check_param_groups
 
 Report = Callable[[int, dict[str, float], "str | None"], None]
@@ -307,6 +308,16 @@ def train(cfg: TrialConfig, report: Report | None = None) -> TrainResult:
     """Train one run; see the module docstring. Raises :class:`Diverged` on a non-finite loss."""
     t_start = time.time()
     device = resolve_device(cfg.device)
+    with trial_runtime(cfg.torch_threads, device, cfg.deterministic), deterministic_mode(cfg.deterministic):
+        return build_trainer(cfg, report, t_start).run()
+
+
+def build_trainer(cfg: TrialConfig, report: Report | None = None, t_start: float | None = None) -> Trainer:
+    """Everything :func:`train` sets up before its first step (data, seeded model on its device in
+    its memory format, optimiser, scheduler), as a :class:`Trainer`; ``train`` runs it. Benchmarks
+    use it to time :meth:`Trainer.run_steps` on batches of their own."""
+    t_start = time.time() if t_start is None else t_start
+    device = resolve_device(cfg.device)
     method_cls = METHODS.get(cfg.method)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     if out_dir is not None:
@@ -318,28 +329,102 @@ def train(cfg: TrialConfig, report: Report | None = None) -> TrainResult:
         )
     data = prepare_data(cfg)
     seed_everything(cfg.seed)
-    with deterministic_mode(cfg.deterministic):
-        backbone = build_backbone(cfg)
-        method = method_cls.build(cfg, backbone, num_classes=len(data.label_map)).to(device)
-        groups = method.param_groups(cfg.lr)
-        check_param_groups(method, groups)
-        optimizer = make_optimizer(cfg, groups)
-        scheduler = method.configure_scheduler(optimizer, cfg.epochs) or make_scheduler(cfg, optimizer)
-        return _Loop(cfg, data, method, optimizer, scheduler, device, out_dir, report, t_start).run()
+    backbone = build_backbone(cfg)
+    method = method_cls.build(cfg, backbone, num_classes=len(data.label_map)).to(device)
+    memory_format = torch.channels_last if use_channels_last(cfg.channels_last, device, backbone) else torch.preserve_format
+    if memory_format == torch.channels_last:
+        method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg.torch_compile:
+        # in place: the module, its parameters and its state-dict keys stay the same (checkpoints match)
+        method.backbone.compile()
+    groups = method.param_groups(cfg.lr)
+    check_param_groups(method, groups)
+    optimizer = make_optimizer(cfg, groups)
+    scheduler = method.configure_scheduler(optimizer, cfg.epochs) or make_scheduler(cfg, optimizer)
+    return Trainer(cfg, data, method, optimizer, scheduler, device, out_dir, report, t_start, memory_format)
 
 
 _KNOWN_METRICS = {"map_at_r", "r_precision", "precision_at_1", "nmi", "f1"}
 
 
-class _Loop:
+class StepLogs:
+    """The step logs of a run of steps, kept where they are made, read back in bulk.
+
+    Tensor terms (and the loss) of each step are stacked into one small device tensor; every
+    ``every`` steps and at :meth:`means` they come back to the host in one copy (the only host
+    synchronisation of the loop). Plain float terms are summed on the host. A non-finite loss
+    found in a read-back raises :class:`Diverged` with the step it happened at and that step's
+    terms; the steps after it (on a broken model) only cost time, and nothing is saved before the
+    check, so no checkpoint holds them.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.keys: tuple[str, ...] = ()
+        self.rows: list[Tensor] = []
+        self.row_steps: list[int] = []
+        self.row_floats: list[dict[str, float]] = []
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, step: int, out: LossOutput, extra: dict[str, float | Tensor] | None = None) -> None:
+        """Record the logs of ``step`` (1-based); may read back (and raise :class:`Diverged`)."""
+        tensors: dict[str, Tensor] = {"loss": out.total}
+        floats: dict[str, float] = {}
+        for k, v in {**out.terms, **(extra or {})}.items():
+            if isinstance(v, Tensor):
+                tensors[k] = v
+            else:
+                floats[k] = float(v)
+        keys = tuple(tensors)
+        if keys != self.keys:
+            self.flush()
+            self.keys = keys
+        self.rows.append(torch.stack([v.detach().float().reshape(()) for v in tensors.values()]))
+        self.row_steps.append(step)
+        self.row_floats.append(floats)
+        self.n += 1
+        if len(self.rows) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the pending rows back (one host sync), check the losses and add them to the sums."""
+        if not self.rows:
+            return
+        values = torch.stack(self.rows).cpu().numpy().astype(np.float64)
+        steps, floats = self.row_steps, self.row_floats
+        self.rows, self.row_steps, self.row_floats = [], [], []
+        bad = np.flatnonzero(~np.isfinite(values[:, 0]))
+        if len(bad):
+            i = int(bad[0])
+            terms = {**dict(zip(self.keys[1:], values[i, 1:].tolist())), **floats[i]}
+            raise Diverged(steps[i], float(values[i, 0]), terms)
+        for k, v in zip(self.keys, values.sum(axis=0).tolist()):
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        for row in floats:
+            for k, f in row.items():
+                self.sums[k] = self.sums.get(k, 0.0) + f
+
+    def means(self) -> dict[str, float]:
+        """Each log's sum over the steps divided by the number of steps (after a final read-back)."""
+        self.flush()
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+
+
+class Trainer:
+    """One run's loop: epochs of steps, validation, checkpoints, early stopping (built by
+    :func:`build_trainer`, run by :func:`train`)."""
+
     def __init__(
         self, cfg: TrialConfig, data: TrialData, method: Method, optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, out_dir: Path | None,
-        report: Report | None, t_start: float,
+        report: Report | None, t_start: float, memory_format: torch.memory_format = torch.preserve_format,
     ):
         self.cfg, self.data, self.method = cfg, data, method
         self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
         self.out_dir, self.report, self.t_start = out_dir, report, t_start
+        self.memory_format = memory_format
+        self.pin_memory = pin_memory_for(cfg.pin_memory, device)
         self.ckpt_dir = out_dir / "checkpoints" if out_dir else None
         embedded = data.source.embedded
         self.train_ds = ImageDataset(
@@ -351,7 +436,9 @@ class _Loop:
         self.sampler = ClassBalancedBatchSampler(
             self.train_ds.labels, cfg.classes_per_batch, cfg.samples_per_class, self.iters, cfg.seed
         )
-        self.loader = make_loader(self.train_ds, sampler=self.sampler, num_workers=cfg.num_workers)
+        self.loader = make_loader(self.train_ds, sampler=self.sampler, num_workers=cfg.num_workers,
+                                  pin_memory=self.pin_memory, persistent_workers=True)
+        self.clip_params = [p for g in optimizer.param_groups for p in g["params"]]
         self.epoch = 0
         self.step = 0
         self.best_value = -math.inf
@@ -368,12 +455,18 @@ class _Loop:
         self.progress = _Progress(cfg.progress, cfg.epochs, f"{cfg.method}/{cfg.dataset}")
 
     # -- hooks' data access ------------------------------------------------------------------
-    def _batches(self) -> Iterator[Any]:
-        """Endless training batches (for hooks such as DiVA's queue fill)."""
+    def _batches(self) -> Iterator[Batch]:
+        """Endless training batches on the device (for hooks such as DiVA's queue fill), from a
+        loader of their own so the training loader's persistent workers are never shared."""
+        sampler = ClassBalancedBatchSampler(
+            self.train_ds.labels, self.cfg.classes_per_batch, self.cfg.samples_per_class, self.iters, self.cfg.seed
+        )
+        loader = make_loader(self.train_ds, sampler=sampler, num_workers=self.cfg.num_workers, pin_memory=self.pin_memory)
         e = 10_000
         while True:
-            self.sampler.set_epoch(e)
-            yield from self.loader
+            sampler.set_epoch(e)
+            for batch in loader:
+                yield batch.to(self.device, self.memory_format)
             e += 1
 
     @torch.no_grad()
@@ -507,38 +600,51 @@ class _Loop:
         self.sampler.set_epoch(self.epoch)
         torch.manual_seed(epoch_seed(cfg.seed, self.epoch))
         self.progress.start_epoch(self.epoch, len(self.sampler))
-        sums: dict[str, float] = {}
-        n = 0
-        for batch in self.loader:
-            batch = batch.to(self.device)
-            with autocast_for(cfg, self.device):
-                out = self.method.loss(batch)
-            total = out.total.float()
-            if not torch.isfinite(total):
-                raise Diverged(self.step + 1, float(total.detach()), {k: v for k, v in out.logs().items() if k != "loss"})
-            self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            self.ctx.step = self.step
-            self.method.on_after_backward(self.ctx)
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            if cfg.grad_clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-            if cfg.grad_clip_value is not None:
-                torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
-            self.optimizer.step()
-            self.step += 1
-            self.ctx.step = self.step
-            with torch.no_grad():
-                self.method.on_step_end(self.ctx)
-            logs = out.logs()
-            logs.update(self.method.log_stats(batch))
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            self.progress.advance()
-            if self._budget_done():
-                break
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        return self.run_steps(self.loader)
+
+    def run_steps(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """One training step per batch of ``batches`` (host batches, as a loader yields them) until
+        they end or ``max_steps`` is reached; returns each step log's mean.
+
+        Nothing here waits for the device: copies are asynchronous (pinned memory), the logs stay
+        on the device and are read back every ``cfg.sync_every`` steps and at the end
+        (:class:`StepLogs`), where a non-finite loss raises :class:`Diverged` naming its step. An
+        error raised by a later step on the broken model is reported as that divergence.
+        """
+        logs = StepLogs(self.cfg.sync_every)
+        try:
+            for batch in batches:
+                out, stats = self._step(batch)
+                logs.add(self.step, out, stats)
+                self.progress.advance()
+                if self._budget_done():
+                    break
+            return logs.means()
+        except Diverged:
+            raise
+        except Exception:
+            logs.flush()  # a non-finite loss before the error is its cause
+            raise
+
+    def _step(self, batch: Batch) -> tuple[LossOutput, dict[str, float | Tensor]]:
+        cfg = self.cfg
+        batch = batch.to(self.device, self.memory_format)
+        with autocast_for(cfg, self.device):
+            out = self.method.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.float().backward()
+        self.ctx.step = self.step
+        self.method.on_after_backward(self.ctx)
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.grad_clip_norm)
+        if cfg.grad_clip_value is not None:
+            torch.nn.utils.clip_grad_value_(self.clip_params, cfg.grad_clip_value)
+        self.optimizer.step()
+        self.step += 1
+        self.ctx.step = self.step
+        with torch.no_grad():
+            self.method.on_step_end(self.ctx)
+        return out, self.method.log_stats(batch)
 
     def _validate(self) -> dict[str, float]:
         assert self.data.split.val is not None

@@ -36,8 +36,10 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
-def _as_float_image(x: Tensor) -> Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+def _as_float_image(x: Tensor, memory_format: torch.memory_format = torch.preserve_format) -> Tensor:
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32, memory_format=memory_format).div_(255.0)
+    return x if memory_format == torch.preserve_format else x.contiguous(memory_format=memory_format)
 
 
 @dataclass
@@ -52,10 +54,11 @@ class Batch:
     def images(self) -> Tensor:
         return self.views[0]
 
-    def to(self, device: torch.device | str) -> Batch:
-        """Move to ``device``; uint8 images become float in [0, 1] there."""
+    def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.preserve_format) -> Batch:
+        """Move to ``device`` (asynchronously from pinned memory); uint8 images become float in
+        [0, 1] there, in ``memory_format`` (e.g. ``torch.channels_last``), in the same pass."""
         return Batch(
-            [_as_float_image(v.to(device, non_blocking=True)) for v in self.views],
+            [_as_float_image(v.to(device, non_blocking=True), memory_format) for v in self.views],
             self.labels.to(device, non_blocking=True),
             self.indices,
         )
@@ -63,7 +66,11 @@ class Batch:
 
 @dataclass
 class LossOutput:
-    """Total loss and named terms (floats or 0-d tensors; logged detached)."""
+    """Total loss and named terms (floats or 0-d tensors; logged detached).
+
+    Give terms computed on the device as 0-d tensors: the trainer keeps them there and reads
+    them back every ``sync_every`` steps; ``float(tensor)`` in ``loss`` would wait for the device
+    on every step."""
 
     total: Tensor
     terms: dict[str, float | Tensor] = field(default_factory=dict)
@@ -211,8 +218,9 @@ class Method(nn.Module):
         if state:
             raise ValueError(f"{type(self).__name__} has no extra state but the checkpoint carries some")
 
-    def log_stats(self, batch: Batch) -> dict[str, float]:
-        """Extra per-step diagnostics (e.g. embedding norms); cheap, detached."""
+    def log_stats(self, batch: Batch) -> dict[str, float | Tensor]:
+        """Extra per-step diagnostics (e.g. embedding norms); cheap, detached. Return 0-d tensors,
+        not ``float(tensor)``: the trainer averages them on the device without a host sync."""
         return {}
 
     def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pytorch_metric_learning import losses, miners
-from torch import nn
+from torch import Tensor, nn
 
 from dmlbench.config import TrialConfig
 from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams
@@ -52,7 +52,7 @@ class _PMLMethod(Method):
             groups.append({"params": loss_params, "lr": base_lr * mult, "weight_decay": 0.0, "name": "loss"})
         return groups
 
-    def log_stats(self, batch: Batch) -> dict[str, float]:
+    def log_stats(self, batch: Batch) -> dict[str, float | Tensor]:
         return {}
 
 

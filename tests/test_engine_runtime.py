@@ -1,0 +1,255 @@
+"""The trainer's device path, checked on CPU: no host sync per step, deferred divergence checks,
+loader / thread / memory-format settings, torch.compile."""
+
+from __future__ import annotations
+
+import shutil
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from dmlbench.config import TrialConfig
+from dmlbench.engine import train
+from dmlbench.engine.backbones import build_backbone
+from dmlbench.engine.runtime import loader_settings, pin_memory_for, trial_runtime, use_channels_last
+from dmlbench.engine.trainer import build_trainer
+from dmlbench.errors import Diverged
+from dmlbench.methods import METHODS, Batch, LossOutput, Method
+
+#: Tensor methods that read a value back to the host (a device sync on CUDA)
+SYNCING = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy", "cpu")
+
+
+class _SyncSpy:
+    """Counts host read-backs of tensors, by the file of the code that asked for them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.calls: Counter[str] = Counter()
+        for name in SYNCING:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, getattr(torch.Tensor, name)))
+
+    def _wrap(self, name: str, orig: Any) -> Any:
+        def spy(t: Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = traceback.extract_stack(limit=2)[0].filename
+            self.calls[f"{name} from {caller}"] += 1
+            return orig(t, *args, **kwargs)
+
+        return spy
+
+    def count(self, where: tuple[str, ...] = ("",)) -> int:
+        return sum(n for k, n in self.calls.items() if any(w in k for w in where))
+
+
+class _TensorLogs(Method):
+    """A sync-free loss with tensor terms and tensor log_stats; NaN from step ``nan_from`` on."""
+
+    name = "tensor_logs_test"
+    nan_from = 0
+    raise_after_nan = False
+
+    def __init__(self, cfg: TrialConfig, backbone: nn.Module, num_classes: int):
+        super().__init__(cfg, backbone, num_classes)
+        self.calls = 0
+
+    def loss(self, batch: Batch) -> LossOutput:
+        self.calls += 1
+        emb = self.backbone(batch.images)
+        total = emb.pow(2).mean()
+        if self.nan_from and self.calls >= self.nan_from:
+            if self.raise_after_nan and self.calls > self.nan_from:
+                raise RuntimeError("a method that breaks on a NaN model")
+            total = total * float("nan")
+        return LossOutput(total, {"norm": emb.norm(dim=1).mean().detach(), "const": 2.0})
+
+    def log_stats(self, batch: Batch) -> dict[str, float | Tensor]:
+        return {"pixel_mean": batch.images.mean()}
+
+
+@pytest.fixture
+def logs_method() -> Iterator[type[_TensorLogs]]:
+    METHODS.register("tensor_logs_test")(_TensorLogs)
+    try:
+        yield _TensorLogs
+    finally:
+        _TensorLogs.nan_from, _TensorLogs.raise_after_nan = 0, False
+        METHODS._entries.pop("tensor_logs_test")
+
+
+def _trainer(tiny_cfg: dict[str, Any], **kw: Any) -> Any:
+    return build_trainer(TrialConfig.from_dict({**tiny_cfg, "iters_per_epoch": 12, **kw}))
+
+
+def test_no_host_sync_per_step(tiny_cfg: dict[str, Any], logs_method: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SGD keeps no step counter (Adam reads its CPU-side counter, which is no device sync on CUDA)
+    trainer = _trainer(tiny_cfg, method="tensor_logs_test", optimizer="sgd", sync_every=1000)
+    batches = list(trainer.loader)
+    trainer.run_steps(batches[:2])  # first-call work (lazy init) out of the count
+    spy = _SyncSpy(monkeypatch)
+    counts = []
+    for n in (3, 12):
+        spy.calls.clear()
+        logs = trainer.run_steps(batches[:n])
+        counts.append(spy.count())
+    assert counts[0] == counts[1] <= 2, spy.calls  # one read-back per run of steps, whatever its length
+    assert set(logs) == {"loss", "norm", "const", "pixel_mean"} and logs["const"] == 2.0
+
+
+def test_read_backs_follow_sync_every(tiny_cfg: dict[str, Any], logs_method: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = _trainer(tiny_cfg, method="tensor_logs_test", optimizer="sgd", sync_every=4)
+    batches = list(trainer.loader)
+    trainer.run_steps(batches[:2])
+    spy = _SyncSpy(monkeypatch)
+    trainer.run_steps(batches[:12])
+    assert spy.count(("numpy",)) == 3  # steps 4, 8, 12
+
+
+@pytest.mark.parametrize("method", ["proxyanchor", "nivmf", "ccp"])
+def test_trainer_adds_no_sync_per_step_to_real_methods(
+    tiny_cfg: dict[str, Any], method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real methods may read values back inside their own maths (PML's reducer, nivMF's rejection
+    sampler); the trainer's own code (engine, data) adds none per step."""
+    trainer = _trainer(tiny_cfg, method=method, sync_every=1000)
+    batches = list(trainer.loader)
+    trainer.run_steps(batches[:2])
+    spy = _SyncSpy(monkeypatch)
+    counts = []
+    for n in (3, 12):
+        spy.calls.clear()
+        trainer.run_steps(batches[:n])
+        counts.append(spy.count(("dmlbench/engine/", "dmlbench/datasets/", "dmlbench/methods/base.py")))
+    assert counts[0] == counts[1], spy.calls
+
+
+def test_nan_found_at_a_later_read_back_names_its_step(tiny_cfg: dict[str, Any], logs_method: Any) -> None:
+    logs_method.nan_from = 3
+    cfg = TrialConfig.from_dict({**tiny_cfg, "method": "tensor_logs_test", "iters_per_epoch": 6, "sync_every": 4})
+    with pytest.raises(Diverged) as info:
+        train(cfg)
+    assert info.value.step == 3 and "norm=" in str(info.value) and "const=2" in str(info.value)
+
+
+def test_error_after_a_nan_is_reported_as_divergence(tiny_cfg: dict[str, Any], logs_method: Any) -> None:
+    logs_method.nan_from, logs_method.raise_after_nan = 2, True
+    cfg = TrialConfig.from_dict({**tiny_cfg, "method": "tensor_logs_test", "iters_per_epoch": 6, "sync_every": 50})
+    with pytest.raises(Diverged) as info:
+        train(cfg)
+    assert info.value.step == 2
+
+
+def test_logs_are_step_means(tiny_cfg: dict[str, Any], logs_method: Any) -> None:
+    res = train(TrialConfig.from_dict({**tiny_cfg, "method": "tensor_logs_test", "sync_every": 2, "epochs": 1}))
+    epoch = res.history[-1]
+    assert epoch["const"] == pytest.approx(2.0) and epoch["loss"] > 0 and 0 < epoch["pixel_mean"] < 1
+
+
+@pytest.mark.parametrize(
+    "cpus, cuda, expected",
+    [
+        (8, True, {"num_workers": 7, "torch_threads": 1, "pin_memory": True}),
+        (4, True, {"num_workers": 3, "torch_threads": 1, "pin_memory": True}),
+        (1, True, {"num_workers": 0, "torch_threads": 1, "pin_memory": True}),
+        (0.5, True, {"num_workers": 0, "torch_threads": 1, "pin_memory": True}),
+        (1, False, {"num_workers": 0, "torch_threads": 1, "pin_memory": False}),
+        (3.5, False, {"num_workers": 0, "torch_threads": 3, "pin_memory": False}),
+        (8, False, {"num_workers": 2, "torch_threads": 6, "pin_memory": False}),
+    ],
+)
+def test_loader_settings(cpus: float, cuda: bool, expected: dict[str, Any], tiny_cfg: dict[str, Any]) -> None:
+    assert loader_settings(cpus, cuda) == expected
+    TrialConfig.from_dict({**tiny_cfg, "method": "proxyanchor", **expected})  # valid trial keys
+
+
+def test_loader_settings_refuses_no_cpu() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        loader_settings(0, cuda=True)
+
+
+def test_pin_and_channels_last_choices(tiny_cfg: dict[str, Any]) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pin_memory_for(None, cuda) and not pin_memory_for(None, cpu)
+    assert pin_memory_for(True, cpu) and not pin_memory_for(False, cuda)
+    conv = build_backbone(TrialConfig.from_dict({**tiny_cfg, "method": "proxyanchor"}))
+    assert use_channels_last(None, cuda, conv) and not use_channels_last(None, cpu, conv)
+    assert not use_channels_last(None, cuda, nn.Sequential(nn.Linear(4, 4)))
+    assert use_channels_last(True, cpu, conv) and not use_channels_last(False, cuda, conv)
+
+
+def test_trial_runtime_is_scoped() -> None:
+    before = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    with trial_runtime(1, torch.device("cuda"), deterministic=False):
+        assert torch.get_num_threads() == 1 and torch.backends.cudnn.benchmark
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == before
+
+
+class _FormatSpy(Method):
+    name = "format_spy_test"
+    seen: list[bool] = []
+
+    def loss(self, batch: Batch) -> LossOutput:
+        _FormatSpy.seen.append(batch.images.is_contiguous(memory_format=torch.channels_last))
+        return LossOutput(self.backbone(batch.images).pow(2).mean())
+
+
+def test_channels_last_reaches_model_and_batches(tiny_cfg: dict[str, Any]) -> None:
+    METHODS.register("format_spy_test")(_FormatSpy)
+    try:
+        _FormatSpy.seen = []
+        trainer = build_trainer(TrialConfig.from_dict({**tiny_cfg, "method": "format_spy_test", "channels_last": True}))
+        conv = next(m for m in trainer.method.modules() if isinstance(m, nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        trainer.run_steps(list(trainer.loader))
+        assert _FormatSpy.seen and all(_FormatSpy.seen)
+    finally:
+        METHODS._entries.pop("format_spy_test")
+
+
+def test_hook_batches_are_on_the_device_as_floats(tiny_cfg: dict[str, Any]) -> None:
+    trainer = build_trainer(TrialConfig.from_dict({**tiny_cfg, "method": "proxyanchor"}))
+    batch = next(iter(trainer.ctx.train_loader))
+    assert batch.images.dtype == torch.float32 and 0.0 <= float(batch.images.min()) <= float(batch.images.max()) <= 1.0
+
+
+def test_loader_workers_and_pinning_follow_the_config(tiny_cfg: dict[str, Any]) -> None:
+    trainer = build_trainer(TrialConfig.from_dict(
+        {**tiny_cfg, "method": "proxyanchor", "num_workers": 1, "pin_memory": False, "torch_threads": 1}))
+    assert trainer.loader.num_workers == 1 and trainer.loader.persistent_workers and not trainer.loader.pin_memory
+    res = train(TrialConfig.from_dict({**tiny_cfg, "method": "proxyanchor", "num_workers": 1, "torch_threads": 1}))
+    assert res.epochs_run == 2 and res.steps == 6
+
+
+def _compile_works() -> str | None:
+    """Why torch.compile cannot run here, or None."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        return "torch.compile on CPU needs a C compiler (cc/gcc) and there is none"
+    try:
+        torch.compile(lambda x: x * 2)(torch.ones(2))
+    except Exception as err:  # what the inductor backend says when it cannot build here
+        return f"torch.compile does not run here ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains_the_tiny_backbone(tiny_cfg: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = _compile_works()
+    if reason:
+        pytest.skip(reason)
+    compiled: list[nn.Module] = []
+    orig = nn.Module.compile
+
+    def spy(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        compiled.append(self)
+        orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", spy)
+    cfg = TrialConfig.from_dict({**tiny_cfg, "method": "proxyanchor", "torch_compile": True, "epochs": 1})
+    res = train(cfg)
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "Backbone"
+    assert res.steps == 3 and 0.0 <= res.metrics["map_at_r"] <= 1.0
+    plain = train(cfg.replace(torch_compile=False))
+    assert res.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=1e-3)
