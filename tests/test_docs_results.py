@@ -29,7 +29,7 @@ def test_every_leaderboard_column_is_documented(tmp_path: Path) -> None:
         leaderboard.search_table(rows, "cub200").columns
     )
     for col in cols:
-        generic = re.sub(r"^(.*)_(mean|ci95)$", r"<metric>_\2", col)
+        generic = re.sub(r"^(.*)_(mean|std|ci95)$", r"<metric>_\2", col)
         assert f"`{col}`" in text or f"`{generic}`" in text, col
 
 

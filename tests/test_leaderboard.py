@@ -40,6 +40,14 @@ def hand_mean_half(values: list[float]) -> tuple[float, float | None]:
     return mean, (hi - lo) / 2.0
 
 
+def hand_std(values: list[float]) -> float | None:
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
 @pytest.fixture()
 def rows() -> pd.DataFrame:
     return pd.DataFrame([schema.validate_row(r) for r in fixture_rows()])
@@ -67,13 +75,20 @@ def test_final_table_recomputed_by_hand(rows: pd.DataFrame) -> None:
         assert got[lb.N_TRIALS] == len(SEARCH_TRIALS[method])
         hours = sum(s[-1] for s in seeds) + sum(t[-1] for t in SEARCH_TRIALS[method])
         assert got[schema.GPU_HOURS] == pytest.approx(hours)
+        assert got[lb.SPREAD] == {1: "none", 2: "std", 3: "ci95"}[len(seeds)]
         for i, metric in enumerate(FINAL_METRICS):
-            mean, half = hand_mean_half([s[i] for s in seeds])
+            values = [s[i] for s in seeds]
+            mean, half = hand_mean_half(values)
             assert got[metric + lb.MEAN_SUFFIX] == pytest.approx(mean, abs=1e-12), (method, metric)
-            if half is None:
+            if len(seeds) < lb.MIN_SEEDS_FOR_CI:  # a CI needs >= 3 seeds
                 assert math.isnan(got[metric + lb.CI_SUFFIX])
             else:
                 assert got[metric + lb.CI_SUFFIX] == pytest.approx(half, abs=1e-12), (method, metric)
+            std = hand_std(values)
+            if std is None:
+                assert math.isnan(got[metric + lb.STD_SUFFIX])
+            else:
+                assert got[metric + lb.STD_SUFFIX] == pytest.approx(std, abs=1e-12), (method, metric)
 
 
 def test_recall_list_follows_the_dataset(rows: pd.DataFrame) -> None:
@@ -124,7 +139,7 @@ def test_paper_rows_unranked_and_visible(rows: pd.DataFrame) -> None:
     paper = paper_rows()
     assert set(paper[schema.SOURCE]) == {"paper"} and set(paper[schema.PHASE]) == {"paper"}
     boards = lb.build(rows, datasets="cub200", methods="ccp", paper=paper)
-    final = boards.final["cub200"]
+    (final,) = boards.final.values()
     ours, theirs = final[final[schema.SOURCE] == "dmlbench"], final[final[schema.SOURCE] == "paper"]
     assert len(ours) == 1 and ours.iloc[0][lb.RANK] == 1
     assert len(theirs) > 0 and theirs[lb.RANK].isna().all()
@@ -180,7 +195,9 @@ def test_cli_json_csv_markdown_table(tmp_path: Path) -> None:
     pa_ = df[
         (df[lb.TABLE] == "final") & (df[schema.METHOD] == "proxyanchor") & (df[schema.SOURCE] == "dmlbench")
     ]
-    assert pa_.iloc[0]["map_at_r_ci95"] == pytest.approx(hand_mean_half([0.24, 0.22])[1])
+    assert math.isnan(pa_.iloc[0]["map_at_r_ci95"])  # two seeds: no CI, the std instead
+    assert pa_.iloc[0]["map_at_r_std"] == pytest.approx(hand_std([0.24, 0.22]))
+    assert pa_.iloc[0][lb.SPREAD] == "std"
 
     res = runner.invoke(app, ["leaderboard", str(tmp_path), "--format", "markdown", "--dataset", "cub200"])
     assert res.exit_code == 0, res.output
@@ -190,7 +207,8 @@ def test_cli_json_csv_markdown_table(tmp_path: Path) -> None:
         lines = blk.strip().splitlines()
         widths = {ln.count(" | ") for ln in lines if not ln.startswith("|---")}
         assert len(widths) == 1 and lines[1].startswith("|---")
-    assert "27.00 ± " in res.stdout and "25.00 (n=1)" in res.stdout
+    assert "27.00 ± 2.48 |" in res.stdout and "23.00 ± 1.41 sd |" in res.stdout and "25.00 (n=1)" in res.stdout
+    assert lb.SPREAD_LEGEND in res.stdout
 
     res = runner.invoke(app, ["leaderboard", str(tmp_path), "--sort", "nmi"])
     assert res.exit_code == 0, res.output

@@ -4,6 +4,10 @@ Commands are thin: parse options, call one library function, print. Each command
 package registers its commands on :data:`app` when imported; :func:`main` imports them all.
 Errors the user can fix (:class:`dmlbench.errors.DmlbenchError`) print one sentence to stderr and
 exit with status 2, without a traceback.
+
+Start-up must stay fast (``dmlbench --help`` well under a second): command modules import only
+typer, rich and light dmlbench modules at the top; torch, ray, optuna, pandas and matplotlib are
+imported inside the command that needs them (``tests/test_cli_fast.py`` checks this).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -38,6 +42,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
+
+#: the ``--wide`` option of every command that prints a table (see :mod:`dmlbench.cli._tables`)
+Wide = Annotated[
+    bool, typer.Option("--wide", help="show every column, even when the table is wider than the terminal")
+]
 
 
 def friendly(fn: F) -> F:

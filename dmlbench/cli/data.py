@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
-from dmlbench.cli import EXIT_USER_ERROR, console, datasets_app, friendly
+from dmlbench.cli import EXIT_USER_ERROR, Wide, console, datasets_app, friendly
+from dmlbench.cli._tables import Col, print_table
 
 
 @datasets_app.command(
@@ -42,6 +43,7 @@ def check(
     subset: Annotated[
         bool, typer.Option("--subset", help="accept partial datasets: do not assert the full-size counts")
     ] = False,
+    wide: Wide = False,
 ) -> None:
     """Per dataset: found / missing / malformed, image and class counts, split hash.
 
@@ -52,26 +54,31 @@ def check(
     results = check_datasets(
         names, data_root, expect_full=not subset, skip_corrupt=skip_corrupt, verify_images=verify
     )
-    table = Table(title="datasets")
-    for col in ("dataset", "status"):
-        table.add_column(col, no_wrap=True)
-    for col in ("images", "classes", "train / test images", "split hash", "message"):
-        table.add_column(col, overflow="fold")
+    cols = [
+        Col("dataset"),
+        Col("status"),
+        Col("images", 2, "right"),
+        Col("classes", 3, "right"),
+        Col("train / test images", 4, "right"),
+        Col("split hash", 1),
+        Col("message", wrap=True, wrap_width=30),
+    ]
     colours = {"found": "green", "missing": "yellow", "malformed": "red"}
+    rows = []
     for r in results:
         c = r.counts
-        table.add_row(
+        rows.append([
             r.name,
             f"[{colours[r.status]}]{r.status}[/]",
             f"{c['images']:,}" if "images" in c else "-",
             f"{c['classes']:,}" if "classes" in c else "-",
             f"{c['train_images']:,} / {c['test_images']:,}" if "train_images" in c else "-",
             r.split_hash or "-",
-            r.message,
-        )
-    console.print(table)
+            escape(r.message),
+        ])  # fmt: skip
+    print_table(console, cols, rows, title="datasets", wide=wide)
     for r in results:
         if r.path:
-            console.print(f"{r.name}: {r.path} (layout {r.layout})", soft_wrap=True)
+            console.print(f"{r.name}: {escape(str(r.path))} (layout {r.layout})", highlight=False)
     if not all(r.usable for r in results):
         raise typer.Exit(EXIT_USER_ERROR)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from dmlbench.cli import app, console, friendly
 from dmlbench.errors import DmlbenchError
-from dmlbench.evaluation import EvaluationError, evaluate_embeddings
+
+if TYPE_CHECKING:  # numpy and dmlbench.evaluation (torch) are imported where used: fast start-up
+    import numpy as np
 
 
 class EmbeddingsFileError(DmlbenchError):
@@ -27,6 +28,8 @@ def parse_ks(text: str) -> tuple[int, ...]:
         >>> parse_ks("1, 10,100")
         (1, 10, 100)
     """
+    from dmlbench.evaluation import EvaluationError
+
     try:
         ks = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -41,6 +44,8 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
     Pickled object arrays are refused (``allow_pickle=False``).
     """
+    import numpy as np
+
     if not path.is_file():
         raise EmbeddingsFileError(f"embeddings file {path} does not exist; pass an .npz written with numpy.savez.")
     with path.open("rb") as fh:
@@ -110,6 +115,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="k-means seed for NMI and F1.")] = 0,
 ) -> None:
     """Score embeddings with MAP@R, R-Precision, P@1, Recall@k, NMI and F1 (exact k-NN)."""
+    from dmlbench.evaluation import EvaluationError, evaluate_embeddings
+
     if fmt not in ("table", "json"):
         raise EvaluationError(f"--format must be table or json, got {fmt!r}.")
     ks = parse_ks(recall_ks)
@@ -131,6 +138,8 @@ def evaluate(
 
 
 def _print_table(results: dict[str, float], path: Path, arrays: dict[str, Any]) -> None:
+    import numpy as np
+
     n, d = arrays["embeddings"].shape
     table = Table(title=path.name, caption=f"{n} embeddings × {d} dims, {len(np.unique(arrays['labels']))} classes")
     table.add_column("metric")

@@ -1,23 +1,27 @@
-"""``dmlbench leaderboard``, ``dmlbench report`` and ``dmlbench reproduce``: reading a sweep's rows."""
+"""``dmlbench leaderboard``, ``dmlbench report`` and ``dmlbench reproduce``: reading a sweep's rows.
+
+pandas, scipy and the results modules are imported inside the commands (fast ``--help``).
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pandas as pd
 import typer
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
+from rich.markup import escape
 
-from dmlbench.cli import app, console, err_console, friendly
+from dmlbench.cli import Wide, app, console, err_console, friendly
+from dmlbench.cli._tables import Col, print_table
 from dmlbench.errors import ConfigError, DmlbenchError
-from dmlbench.results import leaderboard as lbm
 
-FORMATS = ("table", "markdown", "csv", "json")
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from dmlbench.results.leaderboard import Comparison, Leaderboards
+
+FORMATS = ("table", "markdown", "csv", "json", "latex")
 DEFAULT_RESULTS = Path("results")
 
 ResultsDir = Annotated[
@@ -25,6 +29,9 @@ ResultsDir = Annotated[
     typer.Argument(
         help="results folder (or one sweep folder) holding <sweep>/rows/*.parquet", show_default=True
     ),
+]
+SortOption = Annotated[
+    str | None, typer.Option("--sort", help="metric to rank by, e.g. recall_at_1 (default map_at_r)")
 ]
 
 
@@ -43,54 +50,122 @@ def load_rows(results_dir: Path) -> tuple[pd.DataFrame, list[str]]:
     return rows, warnings
 
 
-def _rich_table(title: str, df: pd.DataFrame) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
-    for col in df.columns:
-        text_col = str(col) in ("method", "backbone", "protocol", "best trial")
-        table.add_column(str(col), no_wrap=text_col, overflow="fold")
-    for row in df.itertuples(index=False):
-        table.add_row(*[str(v) for v in row])
-    return table
+#: drop priority of the leaderboard's display columns (0 = always shown; see cli._tables)
+_PRIORITY = {
+    "rank": 0, "method": 0, "vs #1": 1, "seeds": 2, "backbone": 3, "dim": 4, "trials": 20, "cost": 21,
+    "config": 22, "split": 23, "complete/pruned/diverged/failed": 6, "best trial": 24,
+    "protocol": 5, "B − A": 1, "CIs": 1, "A seeds": 7, "B seeds": 7, "same split": 8,
+}  # fmt: skip
+_WRAP = {"method", "best trial"}
 
 
-def _print_wide(table: Table) -> None:
-    """Print a table at its natural width, even when wider than the terminal (nothing squeezed away)."""
-    need = Measurement.get(console, console.options.update(width=10_000), table).maximum
-    if need <= console.width:
-        console.print(table)
-    else:
-        Console(file=sys.stdout, width=need, force_terminal=console.is_terminal).print(table)
+def _print_frame(df: pd.DataFrame, title: str, *, wide: bool, caption: str | None = None) -> None:
+    """Print a display table: the sort metric (▼) and the keys always, other columns as width allows."""
+    cols = []
+    for i, name in enumerate(df.columns):
+        name = str(name)
+        if name in _PRIORITY:
+            prio = _PRIORITY[name]
+        elif "▼" in name or name.startswith(("A ", "B ")):
+            prio = 0
+        else:  # further metrics: the earlier listed, the longer kept
+            prio = 9 + i
+        right = name not in ("method", "backbone", "protocol", "best trial", "config", "split", "same split")
+        cols.append(Col(escape(name), prio, "right" if right else "left", wrap=name in _WRAP, wrap_width=22))
+    rows = [[escape(str(v)) for v in r] for r in df.itertuples(index=False)]
+    print_table(console, cols, rows, title=escape(title), caption=caption and escape(caption), wide=wide)
 
 
-@app.command("leaderboard", epilog="Examples:\n\n  dmlbench leaderboard results/\n\n  dmlbench leaderboard results/ --dataset cub200 --with-paper --format markdown\n\n  dmlbench leaderboard results/ --phase search --sort recall_at_1")
+def _print_boards(lb: Leaderboards, *, wide: bool) -> None:
+    from dmlbench.results import leaderboard as lbm
+    from dmlbench.results import schema
+
+    for key in lb.keys():
+        if key in lb.final:
+            t = lb.final[key]
+            _print_frame(lbm.display_final(t, lb.sort), lbm.final_title(key), wide=wide, caption=lbm.SPREAD_LEGEND)
+            for c in sorted(set(t.loc[t[schema.SOURCE] == "paper", schema.CITATION])):
+                console.print(f"  [dim]paper:[/] {escape(c)}", highlight=False)
+        if key in lb.search:
+            _print_frame(lbm.display_search(lb.search[key], lb.sort), lbm.search_title(key), wide=wide)
+
+
+def _print_comparison(cmp: Comparison, *, wide: bool) -> None:
+    from dmlbench.results import leaderboard as lbm
+
+    for ds, t in cmp.tables.items():
+        _print_frame(lbm.display_compare(t, cmp), lbm.compare_title(ds, cmp), wide=wide, caption=lbm.COMPARE_LEGEND)
+        if (t[lbm.SAME_SPLIT] == "no").any():
+            err_console.print(
+                f"[yellow]warning:[/] on {ds} the two sweeps used different class splits (split hash), "
+                "so their numbers are not directly comparable.",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
+@app.command(
+    "leaderboard",
+    epilog=(
+        "Examples:\n\n  dmlbench leaderboard results/\n\n"
+        "  dmlbench leaderboard results/ --sweep sweep-1a2b3c4d --dataset cub200 --format latex\n\n"
+        "  dmlbench leaderboard results/ --compare sweep-old sweep-new\n\n"
+        "  dmlbench leaderboard results/ --phase search --sort recall_at_1 --wide"
+    ),
+)
 @friendly
 def leaderboard_cmd(
     results_dir: ResultsDir = DEFAULT_RESULTS,
     *,
+    sweep: Annotated[str | None, typer.Option("--sweep", help="only these sweeps (names, comma-separated)")] = None,
+    compare: Annotated[
+        tuple[str, str] | None,
+        typer.Option("--compare", help="two sweeps side by side: --compare SWEEP_A SWEEP_B (final phase)"),
+    ] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="dataset name(s), comma-separated")] = None,
     method: Annotated[str | None, typer.Option("--method", help="method name(s), comma-separated")] = None,
     phase: Annotated[
         str, typer.Option("--phase", help="all | final (test scores) | search (validation scores)")
     ] = "all",
-    sort: Annotated[
-        str, typer.Option("--sort", help="metric to rank by, e.g. map_at_r, recall_at_1")
-    ] = lbm.DEFAULT_SORT,
-    fmt: Annotated[str, typer.Option("--format", help="table | markdown | csv | json")] = "table",
+    sort: SortOption = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | markdown | csv | json | latex (booktabs)")] = "table",
     with_paper: Annotated[
         bool,
         typer.Option("--with-paper", help="show published numbers beside ours (unranked, protocol shown)"),
     ] = False,
+    wide: Wide = False,
 ) -> None:
-    """Leaderboards per dataset: final-phase test scores (mean ± 95% CI over seeds) and search-phase best validation scores."""
+    """Leaderboards per dataset and sweep: final test scores (mean ± 95% CI from 3 seeds, else ± std) and best validation scores.
+
+    Rows of different sweeps, protocols, split hashes or configurations are never averaged together.
+    """
+    from dmlbench.results import leaderboard as lbm
+
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; valid formats: {', '.join(FORMATS)}.")
+    sort = lbm.check_sort(sort or lbm.DEFAULT_SORT)
     rows, warnings = load_rows(results_dir)
+    if compare is not None:
+        if sweep is not None or with_paper or phase != "all":
+            raise ConfigError("--compare shows the final phase of two sweeps; drop --sweep, --phase and --with-paper.")
+        cmp = lbm.compare(rows, compare[0], compare[1], sort=sort, datasets=dataset, methods=method)
+        if fmt == "json":
+            typer.echo(json.dumps(lbm.compare_json_obj(cmp, warnings), indent=2))
+        elif fmt == "csv":
+            typer.echo(lbm.compare_frame(cmp).to_csv(index=False), nl=False)
+        elif fmt == "markdown":
+            typer.echo(lbm.compare_markdown(cmp), nl=False)
+        elif fmt == "latex":
+            typer.echo(lbm.compare_latex(cmp), nl=False)
+        else:
+            _print_comparison(cmp, wide=wide)
+        return
     paper = None
     if with_paper:
         from dmlbench.results.paper import paper_rows
 
         paper = paper_rows()
-    lb = lbm.build(rows, datasets=dataset, methods=method, phase=phase, sort=sort, paper=paper)
+    lb = lbm.build(rows, datasets=dataset, methods=method, sweeps=sweep, phase=phase, sort=sort, paper=paper)
     if lb.is_empty():
         raise DmlbenchError(
             f"no {'' if phase == 'all' else phase + '-phase '}rows to show under {str(results_dir)!r} for these filters; "
@@ -102,15 +177,10 @@ def leaderboard_cmd(
         typer.echo(lbm.to_frame(lb).to_csv(index=False), nl=False)
     elif fmt == "markdown":
         typer.echo(lbm.to_markdown(lb), nl=False)
+    elif fmt == "latex":
+        typer.echo(lbm.to_latex(lb), nl=False)
     else:
-        for ds in sorted(set(lb.final) | set(lb.search)):
-            if ds in lb.final:
-                _print_wide(_rich_table(lbm.final_title(ds), lbm.display_final(lb.final[ds], lb.sort)))
-                cites = sorted(set(lb.final[ds].loc[lb.final[ds]["source"] == "paper", "citation"]))
-                for c in cites:
-                    console.print(f"  [dim]paper:[/] {c}", highlight=False, soft_wrap=True)
-            if ds in lb.search:
-                _print_wide(_rich_table(lbm.search_title(ds), lbm.display_search(lb.search[ds], lb.sort)))
+        _print_boards(lb, wide=wide)
 
 
 @app.command("report", epilog="Examples:\n\n  dmlbench report results/ --out report.html\n\n  dmlbench report results/ --out report.html --png plots/")
@@ -124,17 +194,16 @@ def report_cmd(
     png: Annotated[
         Path | None, typer.Option("--png", help="also write every plot as a PNG into this folder")
     ] = None,
-    sort: Annotated[
-        str, typer.Option("--sort", help="metric of the tables and plots, e.g. map_at_r")
-    ] = lbm.DEFAULT_SORT,
+    sort: SortOption = None,
     with_paper: Annotated[
         bool, typer.Option("--with-paper", help="show published numbers in the tables")
     ] = False,
 ) -> None:
-    """Write an HTML report: leaderboards, search progress, parameter importance, seed spread, accuracy vs GPU-hours."""
+    """Write an HTML report: leaderboards, search progress, learning curves, parameter importance, seed spread, accuracy vs cost."""
+    from dmlbench.results import leaderboard as lbm
     from dmlbench.results.report import write_report
 
-    lbm.check_sort(sort)
+    sort = lbm.check_sort(sort or lbm.DEFAULT_SORT)
     rows, warnings = load_rows(results_dir)
     paper = None
     if with_paper:
@@ -168,7 +237,11 @@ def reproduce_cmd(
     """Re-run the exact TrialConfig of one row (printed first) and compare the new metrics with the stored ones."""
     import tempfile
 
+    import pandas as pd
+    from rich.table import Table
+
     from dmlbench.config import TrialConfig
+    from dmlbench.results import leaderboard as lbm
     from dmlbench.results import schema
 
     rows, _warnings = load_rows(results_dir)

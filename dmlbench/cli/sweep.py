@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dmlbench.cli import app, console, friendly
+from dmlbench.cli import Wide, app, console, friendly
+from dmlbench.cli._tables import Col, print_table
 
 
 @app.command(epilog="Examples:\n\n  dmlbench sweep --methods nivmf,ccp,diva --datasets embedded --preset smoke\n\n  dmlbench sweep --methods all --datasets all --data-root /data/dml --gpus-per-trial 0.5 --trials 40\n\n  dmlbench sweep --methods ccp --datasets cub200 --address ray://head:10001 --storage s3://bucket/dml\n\n  dmlbench sweep ... --dry-run")
@@ -73,8 +74,26 @@ def submit(
 @friendly
 def status(
     results: Annotated[Path, typer.Argument(help="results folder or one sweep folder")] = Path("results"),
+    *,
+    wide: Wide = False,
 ) -> None:
     """Trials done / running / pending per cell of each sweep, and an ETA."""
-    from dmlbench.orchestrator.status import format_status, sweep_status
+    from dmlbench.orchestrator.status import eta_seconds, sweep_status
 
-    console.print(format_status(sweep_status(results)), highlight=False, soft_wrap=True)
+    cells = sweep_status(results)
+    cols = [
+        Col("sweep", 3), Col("cell"), Col("phase"), Col("done", justify="right"), Col("running", justify="right"),
+        Col("pending", justify="right"), Col("statuses", 2, wrap=True, wrap_width=24),
+    ]  # fmt: skip
+    rows = [
+        [c.sweep_id, c.cell, c.phase, str(c.done), str(c.running), str(c.pending),
+         ", ".join(f"{k}={v}" for k, v in c.statuses.items() if v) or "-"]
+        for c in cells
+    ]  # fmt: skip
+    sweeps = sorted({c.sweep_id for c in cells})
+    if len(sweeps) == 1:  # one sweep: its name goes in the title, not in every row
+        cols, rows = cols[1:], [r[1:] for r in rows]
+    print_table(console, cols, rows, title=f"sweep {sweeps[0]}" if len(sweeps) == 1 else "sweeps", wide=wide)
+    eta = eta_seconds(cells)
+    done, total = sum(c.done for c in cells), sum(c.planned for c in cells)
+    console.print(f"{done}/{total} trials done; ETA " + (f"{eta / 60:.1f} min" if eta is not None else "unknown"))

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dmlbench.cli import app, console, datasets_app, friendly, methods_app
+from dmlbench.cli import Wide, app, console, datasets_app, friendly, methods_app
+from dmlbench.cli._tables import Col, print_table
 from dmlbench.errors import DmlbenchError
 
 
@@ -106,35 +107,67 @@ def train(
     console.print(f"{result.steps} steps in {result.wall_time_s:.1f}s; split hash {result.split_hash}")
 
 
-@methods_app.command("list", epilog="Examples:\n\n  dmlbench methods list")
+@methods_app.command(
+    "list", epilog="Examples:\n\n  dmlbench methods list\n\n  dmlbench methods list --defaults --wide"
+)
 @friendly
-def methods_list() -> None:
-    """List the registered methods with their parameters and defaults."""
-    from dmlbench.methods import METHODS
+def methods_list(
+    *,
+    defaults: Annotated[
+        bool,
+        typer.Option("--defaults", help="also list every parameter with its default (imports the methods: slower)"),
+    ] = False,
+    wide: Wide = False,
+) -> None:
+    """List the registered methods and the parameters their search space searches."""
+    from dmlbench.cli._catalog import method_catalog, searched_params
 
-    table = Table(title="methods")
-    table.add_column("name")
-    table.add_column("parameters (defaults)")
-    for name in METHODS.names():
-        params = METHODS.get(name).Params()
-        table.add_row(name, ", ".join(f"{k}={v}" for k, v in params.model_dump().items()))
-    console.print(table)
+    cards = method_catalog()
+    cols = [Col("name"), Col("method", wrap=True, wrap_width=34), Col("searched", 1, wrap=True, wrap_width=30)]
+    rows = [[c.name, c.summary, ", ".join(searched_params(c.name)) or "-"] for c in cards]
+    if defaults:
+        from dmlbench.methods import METHODS
+
+        cols.append(Col("parameters (defaults)", 2, wrap=True, wrap_width=40))
+        for row, card in zip(rows, cards, strict=True):
+            params = METHODS.get(card.name).Params()
+            row.append(", ".join(f"{k}={v}" for k, v in params.model_dump().items()))
+    print_table(console, cols, rows, title="methods", wide=wide)
 
 
-@datasets_app.command("list", epilog="Examples:\n\n  dmlbench datasets list")
+@datasets_app.command(
+    "list", epilog="Examples:\n\n  dmlbench datasets list\n\n  dmlbench datasets list --data-root /data/dml"
+)
 @friendly
-def datasets_list() -> None:
-    """List the registered datasets (embedded ones need no download)."""
+def datasets_list(
+    *,
+    data_root: Annotated[
+        Path | None,
+        typer.Option("--data-root", help="folder holding the benchmark folders (default: $DMLBENCH_DATA)"),
+    ] = None,
+    wide: Wide = False,
+) -> None:
+    """List the registered datasets and whether each is ready under the data root."""
     from dmlbench.datasets import DATASETS
+    from dmlbench.datasets._common import DATA_ENV, resolve_root
+    from dmlbench.datasets.checks import check_datasets
 
-    table = Table(title="datasets")
-    table.add_column("name")
-    table.add_column("kind")
-    table.add_column("recall@k")
-    table.add_column("where")
+    root = resolve_root(data_root)
+    colours = {"found": "green", "missing": "yellow", "malformed": "red"}
+    rows = []
     for name in DATASETS.names():
         src = DATASETS.get(name)
-        kind = "embedded" if src.embedded else "benchmark"
-        where = src.how_to_get if src.embedded else f"$DMLBENCH_DATA/{src.folder}"
-        table.add_row(name, kind, ",".join(map(str, src.recall_ks)), where)
-    console.print(table)
+        if src.embedded:
+            status, where = "[green]embedded[/]", "built in, no download"
+        else:
+            chk = check_datasets([name], None if root is None else str(root))[0]
+            status = f"[{colours[chk.status]}]{chk.status}[/]"
+            where = str(root / src.folder) if root is not None else f"<data root>/{src.folder}"
+        rows.append([name, status, ",".join(map(str, src.recall_ks)), where])
+    cols = [Col("name"), Col("status"), Col("recall@k", 1), Col("where", wrap=True, wrap_width=30)]
+    if root is None:
+        caption = f"no data root: pass --data-root DIR or set {DATA_ENV}; `dmlbench datasets check NAME` says how to get one."
+    else:
+        origin = "--data-root" if data_root is not None else DATA_ENV
+        caption = f"data root {root} (from {origin}); `dmlbench datasets check NAME` explains a missing or malformed one."
+    print_table(console, cols, rows, title="datasets", caption=caption, wide=wide)

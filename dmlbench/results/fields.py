@@ -41,12 +41,12 @@ DIGEST_CHARS = 12
 EPOCH = "epoch"
 
 
-def config_digest(config: Mapping[str, Any] | str | None) -> str | None:
+def config_digest(config: Any) -> str | None:
     """Digest of a resolved TrialConfig without :data:`RUN_ONLY_KEYS` (12 hex characters of SHA-256).
 
     Args:
-        config: the config as a dict or as its JSON text (the ``config_json`` column); None or an
-            empty / unparsable text gives None.
+        config: the config as a dict or as its JSON text (the ``config_json`` column); anything
+            else (None, NaN from an empty pandas cell, empty or unparsable text) gives None.
 
     Example:
         >>> a = config_digest({"method": "ccp", "lr": 1e-5, "seed": 0, "output_dir": "/tmp/a"})
@@ -55,8 +55,6 @@ def config_digest(config: Mapping[str, Any] | str | None) -> str | None:
         >>> a == config_digest({"method": "ccp", "lr": 2e-5, "seed": 0}), len(a)
         (False, 12)
     """
-    if config is None:
-        return None
     if isinstance(config, str):
         if not config.strip():
             return None
@@ -64,8 +62,8 @@ def config_digest(config: Mapping[str, Any] | str | None) -> str | None:
             config = json.loads(config)
         except json.JSONDecodeError:
             return None
-        if not isinstance(config, dict):
-            return None
+    if not isinstance(config, Mapping):
+        return None
     kept = {k: v for k, v in config.items() if k not in RUN_ONLY_KEYS}
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DIGEST_CHARS]

@@ -226,7 +226,10 @@ def check_diva_config(cfg: TrialConfig) -> None:
 
 @METHODS.register("diva")
 class DiVA(Method):
-    """DiVA (Milbich et al., ECCV 2020): see the module docstring and ``docs/methods/diva.md``."""
+    """DiVA: diverse visual feature aggregation, four embedding heads (Milbich et al., ECCV 2020).
+
+    Details in the module docstring and ``docs/methods/diva.md``.
+    """
 
     name = "diva"
     Params = DivaParams
