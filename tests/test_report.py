@@ -40,7 +40,7 @@ def test_report_renders_every_section_with_its_plots(tmp_path: Path) -> None:
         "seed-spread": 2,
         "cost": 2,
     }
-    assert secs["leaderboards"].count("<table>") == 3 and "C2-CCP-L [paper]" in secs["leaderboards"]
+    assert secs["leaderboards"].count("<table>") == 3 and "C2-CCP-L [paper; mlrc-cv4-val-select-concat4]" in secs["leaderboards"]
     assert "http" not in page.replace("http://www.w3.org", "")  # self-contained: nothing fetched
     pngs = sorted(p.name for p in png.glob("*.png"))
     assert len(pngs) == sum(imgs.values()) and all((png / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)

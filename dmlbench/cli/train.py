@@ -136,23 +136,29 @@ def methods_list(
 
 
 @datasets_app.command(
-    "list", epilog="Examples:\n\n  dmlbench datasets list\n\n  dmlbench datasets list --data-root /data/dml"
+    "list",
+    epilog="Examples:\n\n  dmlbench datasets list\n\n  dmlbench datasets list --data-root /data/dml,cars196=/mnt/cars",
 )
 @friendly
 def datasets_list(
     *,
     data_root: Annotated[
-        Path | None,
-        typer.Option("--data-root", help="folder holding the benchmark folders (default: $DMLBENCH_DATA)"),
+        str | None,
+        typer.Option(
+            "--data-root",
+            help="roots holding the benchmarks, comma-separated, NAME=PATH for one dataset (default: $DMLBENCH_DATA)",
+        ),
     ] = None,
     wide: Wide = False,
 ) -> None:
     """List the registered datasets and whether each is ready under the data root."""
-    from dmlbench.datasets import DATASETS
-    from dmlbench.datasets._common import DATA_ENV, resolve_root
-    from dmlbench.datasets.checks import check_datasets
+    from rich.markup import escape
 
-    root = resolve_root(data_root)
+    from dmlbench.datasets import DATASETS
+    from dmlbench.datasets.checks import check_datasets
+    from dmlbench.datasets.roots import DATA_ENV, data_roots
+
+    roots = data_roots(data_root)
     colours = {"found": "green", "missing": "yellow", "malformed": "red"}
     rows = []
     for name in DATASETS.names():
@@ -160,14 +166,15 @@ def datasets_list(
         if src.embedded:
             status, where = "[green]embedded[/]", "built in, no download"
         else:
-            chk = check_datasets([name], None if root is None else str(root))[0]
+            chk = check_datasets([name], data_root)[0]
             status = f"[{colours[chk.status]}]{chk.status}[/]"
-            where = str(root / src.folder) if root is not None else f"<data root>/{src.folder}"
-        rows.append([name, status, ",".join(map(str, src.recall_ks)), where])
+            searched = roots.describe(name)
+            where = chk.path or (f"{src.folder}/ under {searched}" if searched else f"<data root>/{src.folder}")
+        rows.append([name, status, ",".join(map(str, src.recall_ks)), escape(str(where))])
     cols = [Col("name"), Col("status"), Col("recall@k", 1), Col("where", wrap=True, wrap_width=30)]
-    if root is None:
+    if not roots.roots and not roots.explicit:
         caption = f"no data root: pass --data-root DIR or set {DATA_ENV}; `dmlbench datasets check NAME` says how to get one."
     else:
-        origin = "--data-root" if data_root is not None else DATA_ENV
-        caption = f"data root {root} (from {origin}); `dmlbench datasets check NAME` explains a missing or malformed one."
+        origin = "--data-root" if data_root else DATA_ENV
+        caption = f"data root from {origin}; `dmlbench datasets check NAME` explains a missing or malformed one."
     print_table(console, cols, rows, title="datasets", caption=caption, wide=wide)

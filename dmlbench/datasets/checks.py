@@ -3,7 +3,8 @@
 ``check_datasets`` resolves ``all`` to the four benchmarks, builds each source with the data root
 and options, and returns one :class:`~dmlbench.datasets.base.DatasetCheck` per dataset without
 raising; ``require_usable`` raises one :class:`~dmlbench.errors.DatasetError` naming every
-unusable dataset (what the sweep calls before Ray starts); ``image_problems`` decodes the images of
+unusable dataset (what the sweep calls before Ray starts), worded by ``unusable_message`` (one or
+two sentences, the fix said once however many datasets are affected); ``image_problems`` decodes the images of
 one split (or a seeded sample of them) and returns each missing, empty, truncated or corrupt file
 with one sentence naming it (what the preflight calls).
 """
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 from dmlbench.datasets._common import DEFAULT_OPTIONS, BenchmarkSource, ImageProblem
 from dmlbench.datasets.base import DATASETS, DatasetCheck, DatasetSource
+from dmlbench.datasets.roots import DATA_ENV, data_roots
 from dmlbench.errors import DatasetError, DmlbenchError
 
 #: what ``all`` means: the four standard DML benchmarks
@@ -65,15 +67,59 @@ def check_datasets(
     return results
 
 
+def _and(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def unusable_message(checks: Sequence[DatasetCheck], root: str | None = None) -> str | None:
+    """One or two sentences for the datasets in ``checks`` that cannot be used (None if all can).
+
+    One unusable dataset gets its own check message (it names the path and the fix). Several get
+    one sentence naming them, with the fix said once: where to point ``--data-root`` when there is
+    no data root at all (or it does not exist), else the ``dmlbench datasets check`` command that
+    details each one. ``tests/test_cli_ux.py`` shows the wordings.
+    """
+    bad = [c for c in checks if not c.usable]
+    if not bad:
+        return None
+    if len(bad) == 1:
+        return bad[0].message
+    names = [c.name for c in bad]
+    roots = data_roots(root)
+    folders = ", ".join(f"{DATASETS.get(n).folder}/" for n in names)
+    if not roots.roots and not all(n in roots.explicit for n in names):
+        return (
+            f"no data root for {_and(names)}: pass --data-root DIR or set ${DATA_ENV} to the folder that holds "
+            f"{folders} (docs/datasets.md says where to get each)."
+        )
+    absent = [str(r) for r in roots.roots if not r.is_dir()]
+    if absent and len(absent) == len(roots.roots):
+        return (
+            f"the data root {_and(absent)} does not exist; pass --data-root DIR or set ${DATA_ENV} to the folder "
+            f"that holds {folders}."
+        )
+    parts = []
+    for status in ("missing", "malformed"):
+        these = [c.name for c in bad if c.status == status]
+        if these:
+            parts.append(f"{_and(these)} {'is' if len(these) == 1 else 'are'} {status}")
+    where = roots.text or ", ".join(str(r) for r in roots.roots)
+    option = f" --data-root {where}" if root else ""
+    return (
+        f"{' and '.join(parts)} under the data root {where}; `dmlbench datasets check {' '.join(names)}{option}` "
+        "says what is wrong with each and how to fix it."
+    )
+
+
 def require_usable(
     names: Sequence[str] | None, root: str | None = None, **options: bool
 ) -> list[DatasetCheck]:
-    """:func:`check_datasets`, raising one :class:`DatasetError` if any dataset is unusable."""
+    """:func:`check_datasets`, raising one :class:`DatasetError` (:func:`unusable_message`) if any dataset is unusable."""
     checks = check_datasets(names, root, **options)
-    bad = [c for c in checks if not c.usable]
-    if bad:
-        detail = " ".join(f"{c.name} is {c.status}: {c.message}" for c in bad)
-        raise DatasetError(f"{len(bad)} of {len(checks)} dataset(s) cannot be used. {detail}")
+    message = unusable_message(checks, root)
+    if message is not None:
+        raise DatasetError(message)
     return checks
 
 

@@ -295,16 +295,16 @@ def build_sections(
     lbm.check_sort(sort)
     boards = lbm.build(rows, sort=sort, paper=paper)
     tables = Section("leaderboards", "Leaderboards")
-    for ds in sorted(set(boards.final) | set(boards.search)):
-        if ds in boards.final:
-            final = boards.final[ds]
+    for key in boards.keys():
+        if key in boards.final:
+            final = boards.final[key]
             classes = ["ours" if src == "dmlbench" else "paper" for src in final[schema.SOURCE]]
             tables.html_parts.append(
-                _html_table(lbm.display_final(final, sort), lbm.final_title(ds), classes)
+                _html_table(lbm.display_final(final, sort), lbm.final_title(key), classes)
             )
-        if ds in boards.search:
+        if key in boards.search:
             tables.html_parts.append(
-                _html_table(lbm.display_search(boards.search[ds], sort), lbm.search_title(ds))
+                _html_table(lbm.display_search(boards.search[key], sort), lbm.search_title(key))
             )
     progress = Section("search-progress", "Search: best-so-far validation score vs trial, per cell")
     progress.plots = search_progress_plots(rows, sort)
