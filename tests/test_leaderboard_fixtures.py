@@ -87,6 +87,14 @@ SEARCH_TRIALS: dict[str, list[tuple[str, dict[str, Any], float | None, float | N
 }
 
 
+def _history(status: str, final: float | None) -> str:
+    """A learning curve ending at ``final`` MAP@R: 4 validations, 2 for pruned trials, none without a value."""
+    if final is None:
+        return json.dumps([])
+    epochs = 2 if status == "pruned" else 4
+    return json.dumps([{"epoch": e, "map_at_r": final * (e + 1) / epochs} for e in range(epochs)])
+
+
 def fixture_rows() -> list[dict[str, Any]]:
     """All rows of the standard fixture: cub200 final + search rows of three methods, one SOP row."""
     rows: list[dict[str, Any]] = []
@@ -99,6 +107,7 @@ def fixture_rows() -> list[dict[str, Any]]:
                     method=method,
                     seed=seed,
                     gpu_hours=values[-1],
+                    wall_time_s=values[-1] * 3600.0,
                     params_json=json.dumps({}),
                     created_at=f"2025-01-02T00:00:{seed:02d}Z",
                     **metrics,
@@ -124,6 +133,8 @@ def fixture_rows() -> list[dict[str, Any]]:
                     recall_at_1=r1,
                     precision_at_1=r1,
                     gpu_hours=hours,
+                    wall_time_s=hours * 3600.0,
+                    history_json=_history(status, mapr),
                     created_at=f"2025-01-01T00:{i:02d}:00Z",
                 )
             )
