@@ -1,5 +1,6 @@
 # dmlbench — the two commands of the README, plus helpers.
-#   make sweep   set up .venv and run a real small sweep (nivmf, ccp, diva) on the embedded datasets
+#   make sweep   set up .venv and run a real small sweep of 4 methods (nivmf, ccp, diva, proxyanchor)
+#                on the embedded datasets (synthetic, digits) with the smoke preset
 #   make test    set up .venv and run the test suite (fast and slow tests)
 PY ?= python3
 VENV ?= .venv
