@@ -281,7 +281,7 @@ def test_clustering_edge_cases() -> None:
     assert contingency(np.array([0, 0, 5]), np.array([1, 2, 2])).tolist() == [[1, 1], [0, 1]]
 
 
-@pytest.mark.parametrize("backend", ["faiss", "sklearn"])
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_kmeans_is_seeded_and_recovers_separated_blobs(backend: str) -> None:
     rng = np.random.default_rng(8)
     labels = np.repeat(np.arange(5), 30)

@@ -193,23 +193,61 @@ def split_hash(cfg: TrialConfig) -> str:
     return make_manifest(source.table(), cfg.dataset, cfg.num_folds, cfg.split_seed).hash
 
 
-# ---- evaluation --------------------------------------------------------------------------
+# ---- evaluation ----------------------------------------------------------------------------
+@contextmanager
+def eval_precision(method: Method, cfg: TrialConfig, device: torch.device) -> Iterator[None]:
+    """Forward passes for evaluation embeddings: float32 everywhere but in the trunk.
+
+    The trunk (``method.backbone.trunk``, the costly part) runs under the trial's autocast (bf16
+    on CUDA by default) and its pooled features are cast to float32; the embedding head(s) and
+    whatever a method does after them (normalisation, DiVA's weighted concatenation, CCP's unit
+    ball) run with autocast off, so evaluation embeddings are float32 values, not bf16 ones cast
+    up. A backbone without a ``trunk`` runs entirely in float32.
+    """
+    cast = autocast_for(cfg, device)
+    trunk = getattr(method.backbone, "trunk", None)
+    if isinstance(cast, nullcontext) or not isinstance(trunk, torch.nn.Module):
+        yield
+        return
+    entered: list[Any] = []
+
+    def before(module: torch.nn.Module, args: Any) -> None:
+        ctx = autocast_for(cfg, device)
+        ctx.__enter__()
+        entered.append(ctx)
+
+    def after(module: torch.nn.Module, args: Any, output: Tensor) -> Tensor:
+        entered.pop().__exit__(None, None, None)
+        return output.float()
+
+    hooks = [trunk.register_forward_pre_hook(before), trunk.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        while entered:  # the trunk raised: leave its autocast
+            entered.pop().__exit__(None, None, None)
+
+
 @torch.no_grad()
 def embed_indices(
     method: Method, table: SampleTable, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
     embedded: bool,
 ) -> dict[str, Tensor]:
+    """Float32 evaluation embeddings of the images ``indices`` per ``embed_for_eval`` key, left on
+    ``device`` (the k-NN and k-means then run there); see :func:`eval_precision`."""
     ds = ImageDataset(table, indices, build_transform(cfg.image_size, train=False, embedded=embedded))
     loader = make_loader(ds, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
     was_training = method.training
     method.eval()
     parts: dict[str, list[Tensor]] = {}
     try:
-        for batch in loader:
-            with autocast_for(cfg, device):
+        with eval_precision(method, cfg, device):
+            for batch in loader:
                 out = method.embed_for_eval(batch.to(device).images)
-            for k, v in out.items():
-                parts.setdefault(k, []).append(v.float().cpu())
+                for k, v in out.items():
+                    parts.setdefault(k, []).append(v.float())
     finally:
         method.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -217,11 +255,14 @@ def embed_indices(
 
 def evaluate_indices(
     method: Method, data: TrialData, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
-    query_gallery: bool = False, step: int = 0, clustering: bool = True,
+    query_gallery: bool = False, step: int = 0, clustering: bool = True, cluster_keys: set[str] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery).
 
-    Non-finite embeddings (a model that blew up without a non-finite loss) raise :class:`Diverged`.
+    ``clustering=False`` leaves out NMI/F1 (k-means); ``cluster_keys`` limits them to these
+    ``embed_for_eval`` keys (``""``: the primary embedding; validation passes the primary key and
+    the early-stop metric's, the test split clusters every key). Non-finite embeddings (a model
+    that blew up without a non-finite loss) raise :class:`Diverged`.
     """
     from dmlbench.evaluation import evaluate_embeddings
 
@@ -233,15 +274,17 @@ def evaluate_indices(
     kwargs: dict[str, Any] = dict(
         recall_ks=data.source.recall_ks, chunk_size=cfg.eval_chunk, backend=cfg.knn_backend, seed=cfg.seed,
     )
+    retrieval_only = ("map_at_r", "r_precision", "precision_at_1", "recall")
     if not clustering:
-        kwargs["metrics"] = ("map_at_r", "r_precision", "precision_at_1", "recall")
+        kwargs["metrics"] = retrieval_only
     if query_gallery and data.table.is_query is not None and data.table.is_gallery is not None:
         kwargs["query_mask"] = data.table.is_query[indices]
         kwargs["gallery_mask"] = data.table.is_gallery[indices]
     metrics: dict[str, float] = {}
     for key, emb in embs.items():
         distance = method.eval_distances.get(key, method.eval_distance)
-        res = evaluate_embeddings(emb, labels, distance=distance, **kwargs)
+        extra = {"metrics": retrieval_only} if cluster_keys is not None and key not in cluster_keys else {}
+        res = evaluate_embeddings(emb, labels, distance=distance, **{**kwargs, **extra})
         prefix = f"{key}/" if key else ""
         metrics.update({f"{prefix}{k}": float(v) for k, v in res.items()})
     return metrics
@@ -503,8 +546,8 @@ class Trainer:
         self.method.eval()
         try:
             out = []
-            for batch in loader:
-                with autocast_for(self.cfg, self.device):
+            with eval_precision(self.method, self.cfg, self.device):
+                for batch in loader:
                     out.append(self.method.pool_embed(batch.to(self.device).images).float())
             return torch.cat(out)
         finally:
@@ -648,8 +691,11 @@ class Trainer:
 
     def _validate(self) -> dict[str, float]:
         assert self.data.split.val is not None
+        # k-means for the primary embedding only (and the early-stop metric's key), not for every extra one
+        key, _, metric = self.cfg.early_stop_metric.rpartition("/")
+        keys = {"", key} if metric in ("nmi", "f1") else {""}
         return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device, step=self.step,
-                                clustering=self.cfg.val_clustering)  # fmt: skip
+                                clustering=self.cfg.val_clustering, cluster_keys=keys)  # fmt: skip
 
     def _track_best(self, metrics: dict[str, float]) -> None:
         key = self.cfg.early_stop_metric

@@ -98,7 +98,8 @@ def evaluate_embeddings(
     count ``R`` is the number of same-label gallery items other than itself; queries with
     ``R = 0`` are left out of the retrieval metrics (as PML's AccuracyCalculator does). NMI and F1
     cluster the query embeddings (L2-normalised for cosine) with seeded k-means, one cluster per
-    query class.
+    query class (:func:`~dmlbench.evaluation.metrics.kmeans_assign`). Torch tensors stay on
+    their device: on CUDA the k-NN and the k-means run there.
 
     Args:
         embeddings: ``[N, D]`` float array (torch tensors stay on their device).
@@ -109,7 +110,7 @@ def evaluate_embeddings(
         distance: ``"cosine"`` (L2-normalised inner product) or ``"euclidean"``.
         metrics: subset of :data:`METRICS`.
         chunk_size: queries per similarity block; memory is ``O(chunk_size × gallery size)``.
-        backend: k-NN backend, ``"auto"``, ``"torch"`` or ``"faiss"``.
+        backend: k-NN and k-means backend, ``"auto"``, ``"torch"`` or ``"faiss"``.
         seed: k-means seed.
 
     Returns:
@@ -214,9 +215,9 @@ def evaluate_embeddings(
         out.update({key: float(torch.cat(v).double().sum()) / n_valid for key, v in per_query.items()})
 
     if "nmi" in metrics or "f1" in metrics:
-        xq = prepare(emb[torch.as_tensor(q_idx, device=device)], distance).float().cpu().numpy()
+        xq = prepare(emb[torch.as_tensor(q_idx, device=device)], distance)  # stays on its device
         q_lab = lab_np[q_idx]
-        clusters = kmeans_assign(xq, len(np.unique(q_lab)), seed=seed)
+        clusters = kmeans_assign(xq, len(np.unique(q_lab)), seed=seed, backend=backend)
         if "nmi" in metrics:
             out["nmi"] = nmi(q_lab, clusters)
         if "f1" in metrics:

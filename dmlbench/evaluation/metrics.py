@@ -256,67 +256,195 @@ def pair_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
     return 2 * p * r / (p + r)
 
 
-def kmeans_plus_plus(x: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
-    """k-means++ initial centroids (Arthur & Vassilvitskii 2007): D² sampling, seeded.
+KMEANS_BACKENDS: tuple[str, ...] = ("auto", "faiss", "torch")
+_SEED_BATCH = 256  # k-means++: centroids accepted per round before the D² refresh (one matmul)
+_EPS = 1.0 / 1024  # faiss's relative perturbation when it splits a cluster into an empty one
 
-    The first centroid is a uniformly drawn row; each next one is drawn with probability
-    proportional to the squared distance to the nearest centroid chosen so far.
+
+def _sq_dists(x: Tensor, c: Tensor) -> Tensor:
+    """``[len(x), len(c)]`` squared euclidean distances, ``|x|² + |c|² − 2 x·c``, clamped at 0."""
+    d = torch.addmm((c * c).sum(1)[None, :], x, c.T, alpha=-2).add_((x * x).sum(1)[:, None])
+    return d.clamp_(min=0)
+
+
+def kmeans_plus_plus(x: Tensor, n_clusters: int, seed: int, batch: int = _SEED_BATCH) -> Tensor:
+    """Rows of ``x`` chosen by k-means++ (Arthur & Vassilvitskii 2007), seeded; int64 ``[n_clusters]``.
+
+    The first row is drawn uniformly; each next one with probability proportional to ``D²``, its
+    squared distance to the nearest row chosen so far. Recomputing ``D²`` after every choice
+    reads all of ``x`` once per centroid (minutes for 10k+ centroids), so ``D²`` is refreshed
+    only after a *round* of up to ``batch`` choices, with one matmul. Inside a round, candidates
+    are drawn from the round's stale ``D²_old`` and accepted with probability
+    ``D²_now / D²_old`` (``D²_now`` also counts the rows accepted earlier in the round, from a
+    small matmul of the round's candidates): rejection sampling, so every accepted row is drawn
+    exactly from k-means++'s distribution. The first candidate of a round is always accepted.
+    When ``D²`` is 0 everywhere (fewer distinct rows than clusters) the rest are drawn uniformly
+    from the rows not chosen.
+
+    Args:
+        x: ``[N, D]`` float embeddings (any device; the matmuls run there).
+        n_clusters: how many rows to choose, ``1 <= n_clusters <= N``.
+        seed: seed of the draws.
+        batch: most rows accepted per round.
 
     Example:
         Two far-apart pairs: the second centroid is (almost surely) drawn from the other pair.
 
-        >>> x = np.array([[0.0, 0.0], [0.0, 0.1], [9.0, 9.0], [9.0, 9.1]])
-        >>> c = kmeans_plus_plus(x, 2, seed=0)
+        >>> x = torch.tensor([[0.0, 0.0], [0.0, 0.1], [9.0, 9.0], [9.0, 9.1]])
+        >>> c = x[kmeans_plus_plus(x, 2, seed=0)]
         >>> bool(abs(c[0, 0] - c[1, 0]) == 9.0)
         True
     """
+    n = x.shape[0]
     rng = np.random.default_rng(seed)
-    x64 = x.astype(np.float64)
-    sq = (x64 * x64).sum(1)
-    chosen = [int(rng.integers(len(x)))]
-    d2 = np.maximum(sq - 2 * x64 @ x64[chosen[0]] + sq[chosen[0]], 0.0)
-    for _ in range(1, n_clusters):
-        total = d2.sum()
-        nxt = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
-        chosen.append(nxt)
-        d2 = np.minimum(d2, np.maximum(sq - 2 * x64 @ x64[nxt] + sq[nxt], 0.0))
-    return np.ascontiguousarray(x[chosen], dtype=np.float32)
+    x_sq = (x * x).sum(1)
+
+    def nearest_d2(rows: np.ndarray) -> np.ndarray:
+        """min over ``rows`` of the squared distance of every row of x (float64 numpy ``[N]``)."""
+        r = torch.as_tensor(rows, device=x.device)
+        block = torch.addmm(x_sq[r][None, :], x, x[r].T, alpha=-2)
+        return block.amin(1).add_(x_sq).clamp_(min=0).double().cpu().numpy()
+
+    chosen = [int(rng.integers(n))]
+    d2 = nearest_d2(np.array(chosen))
+    d2[chosen] = 0.0
+    while len(chosen) < n_clusters:
+        want = min(batch, n_clusters - len(chosen))
+        cdf = np.cumsum(d2)
+        if not cdf[-1] > 0:  # every row coincides with a chosen one
+            free = np.setdiff1d(np.arange(n), chosen)
+            chosen.extend(rng.choice(free, n_clusters - len(chosen), replace=False).tolist())
+            break
+        cand = np.minimum(np.searchsorted(cdf, rng.random(2 * want) * cdf[-1], side="right"), n - 1)
+        accept_u = rng.random(len(cand))
+        xc = x[torch.as_tensor(cand, device=x.device)].double()
+        pair = _sq_dists(xc, xc).cpu().numpy()  # candidate-to-candidate D², float64
+        old = d2[cand]
+        now = old.copy()
+        taken: list[int] = []
+        for t in range(len(cand)):
+            if old[t] > 0 and accept_u[t] * old[t] < now[t]:
+                taken.append(t)
+                np.minimum(now, pair[t], out=now)
+                if len(taken) == want:
+                    break
+        rows = cand[taken]
+        chosen.extend(rows.tolist())
+        d2 = np.minimum(d2, nearest_d2(rows))
+        d2[rows] = 0.0
+    return torch.as_tensor(chosen, dtype=torch.long)
 
 
-def kmeans_assign(x: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20,
+def _nearest_torch(x: Tensor) -> Any:
+    """Nearest-centroid search with torch on ``x``'s device: chunked ``addmm`` + ``argmin`` of
+    ``|c|² − 2 x·c`` (``|x|²`` does not change a row's argmin)."""
+
+    def search(c: Tensor) -> Tensor:
+        rows = max(1, min(x.shape[0], (1 << 25) // c.shape[0]))
+        c_sq = (c * c).sum(1)[None, :]
+        block = torch.empty((rows, c.shape[0]), dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        for s in range(0, x.shape[0], rows):
+            e = min(s + rows, x.shape[0])
+            torch.addmm(c_sq, x[s:e], c.T, alpha=-2, out=block[: e - s])
+            out[s:e] = block[: e - s].argmin(1)
+        return out
+
+    return search
+
+
+def _nearest_faiss(x: Tensor, faiss: Any) -> Any:
+    """Nearest-centroid search with faiss's exact flat L2 index (on GPU for CUDA input when faiss
+    has GPU support), the search ``faiss.Kmeans`` runs in each iteration."""
+    xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    gpu = x.device.type == "cuda" and faiss.get_num_gpus() > 0
+
+    def search(c: Tensor) -> Tensor:
+        index = faiss.IndexFlatL2(xn.shape[1])
+        if gpu:
+            index = faiss.index_cpu_to_all_gpus(index)
+        index.add(np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float32))
+        _, idx = index.search(xn, 1)
+        return torch.from_numpy(idx[:, 0].astype(np.int64)).to(x.device)
+
+    return search
+
+
+def _split_empty(c: Tensor, counts: Tensor, rng: np.random.Generator) -> bool:
+    """faiss's rule for empty clusters: each takes a copy of a cluster drawn with probability
+    ``∝ size − 1``, and the two copies are pushed apart by ``±1/1024`` (relative) in alternate
+    coordinates; the drawn cluster's size is halved between them. Returns whether any split."""
+    empty = torch.nonzero(counts == 0).squeeze(1).tolist()
+    if not empty:
+        return False
+    size = counts.double().cpu().numpy()
+    sign = torch.where(torch.arange(c.shape[1], device=c.device) % 2 == 0, 1.0, -1.0).to(c.dtype)
+    for ci in empty:
+        weight = np.maximum(size - 1, 0)
+        if weight.sum() <= 0:
+            break  # no cluster has two members to give
+        cj = int(rng.choice(len(size), p=weight / weight.sum()))
+        c[ci] = c[cj] * (1 + _EPS * sign)
+        c[cj] = c[cj] * (1 - _EPS * sign)
+        size[ci] = size[cj] // 2
+        size[cj] -= size[ci]
+    return True
+
+
+def kmeans_assign(x: Tensor | np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20,
                   backend: str = "auto") -> np.ndarray:
-    """Seeded k-means with k-means++ initialisation; returns the cluster of each row (int64 ``[N]``).
+    """Seeded k-means (Lloyd) from a k-means++ start; the cluster of each row (int64 ``[N]``).
 
-    ``backend="faiss"`` (or ``"auto"`` with faiss importable): :func:`kmeans_plus_plus` centroids,
-    then ``niter`` Lloyd iterations of ``faiss.Kmeans`` on all points. ``"sklearn"``: scikit-learn's
-    ``KMeans`` (its own k-means++, ``n_init=1``, ``max_iter=niter``). faiss's own initialisation
-    (random rows) often puts two centroids in one class and leaves another without one.
+    * **Start**: :func:`kmeans_plus_plus` rows (exact k-means++, about one assignment step of
+      work). pytorch-metric-learning's ``FaissKMeans`` uses ``faiss.Kmeans``' random rows, which
+      leave about a third of the classes without a centroid when classes have a few items each.
+    * **Iterations**: at most ``niter`` (PML: 20) of assignment (exact nearest centroid) then
+      update (float64 means of the members), stopping early at a fixed point, when an assignment
+      repeats the previous one (the centroids would not move again). Empty clusters are refilled
+      as ``faiss.Kmeans`` does (:func:`_split_empty`). The result is the last assignment, to the
+      final centroids.
+    * **Search** (``backend``): ``"faiss"``: faiss's flat L2 index, the search ``faiss.Kmeans``
+      uses (on the GPU for CUDA input when faiss has GPU support); ``"torch"``: chunked
+      ``addmm`` + ``argmin`` on the input's device; ``"auto"``: torch for CUDA input (no copy
+      off the GPU), else faiss when it imports (its BLAS beats torch's on some CPUs; see
+      docs/evaluation.md), else torch.
 
     Example:
         >>> x = np.array([[0.0, 0.0], [0.0, 0.1], [5.0, 5.0], [5.1, 5.0]], dtype=np.float32)
-        >>> c = kmeans_assign(x, 2, backend="sklearn")
+        >>> c = kmeans_assign(x, 2, backend="torch")
         >>> bool(c[0] == c[1] and c[2] == c[3] and c[0] != c[2])
         True
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"k-means needs a non-empty [N, D] array, got shape {x.shape}")
-    if not 1 <= n_clusters <= x.shape[0]:
-        raise ValueError(f"k-means needs 1 <= n_clusters <= {x.shape[0]}, got {n_clusters}")
-    if backend not in ("auto", "faiss", "sklearn"):
-        raise ValueError(f"unknown k-means backend {backend!r}; use auto, faiss or sklearn")
+    xt = (x.detach() if isinstance(x, Tensor) else torch.from_numpy(np.asarray(x))).float().contiguous()
+    if xt.ndim != 2 or xt.shape[0] == 0:
+        raise ValueError(f"k-means needs a non-empty [N, D] array, got shape {tuple(xt.shape)}")
+    n = xt.shape[0]
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"k-means needs 1 <= n_clusters <= {n}, got {n_clusters}")
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"unknown k-means backend {backend!r}; use one of {', '.join(KMEANS_BACKENDS)}")
+    if niter < 0:
+        raise ValueError(f"k-means needs niter >= 0, got {niter}")
     faiss: Any = None
-    if backend in ("auto", "faiss"):
+    if backend == "faiss" or (backend == "auto" and xt.device.type != "cuda"):
         from dmlbench.evaluation.knn import _faiss
 
         faiss = _faiss()
-    if faiss is not None:
-        km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=seed, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=1 << 20)
-        km.train(x, init_centroids=kmeans_plus_plus(x, n_clusters, seed))
-        _, assign = km.index.search(x, 1)
-        return assign.ravel().astype(np.int64)
-    from sklearn.cluster import KMeans
-
-    km2 = KMeans(n_clusters=n_clusters, n_init=1, max_iter=niter, random_state=seed)
-    return km2.fit_predict(x).astype(np.int64)
+    nearest = _nearest_faiss(xt, faiss) if faiss is not None else _nearest_torch(xt)
+    rng = np.random.default_rng(seed)
+    c = xt[kmeans_plus_plus(xt, n_clusters, seed).to(xt.device)].clone()
+    assign = nearest(c)
+    split = False
+    for _ in range(niter):
+        counts = torch.bincount(assign, minlength=n_clusters)
+        sums = torch.zeros((n_clusters, xt.shape[1]), dtype=torch.float64, device=xt.device)
+        for s in range(0, n, 8192):  # float64 sums without a float64 copy of x
+            sums.index_add_(0, assign[s:s + 8192], xt[s:s + 8192].double())
+        filled = counts > 0
+        c[filled] = (sums[filled] / counts[filled, None]).float()
+        split = _split_empty(c, counts, rng)
+        new = nearest(c)
+        if not split and torch.equal(new, assign):
+            break
+        assign = new
+    return assign.cpu().numpy().astype(np.int64)
