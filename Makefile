@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	  echo "torchvision cannot load with this torch build; installing torch $$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])') from the package index"; \
 	  $(BIN)/python -m pip install -q --isolated --force-reinstall \
 	    "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__.split("+")[0])')" ; }
-	$(BIN)/python -c "import torch, torchvision, timm, ray, optuna, faiss; print('dmlbench venv ready: torch', torch.__version__)"
+	$(BIN)/python -c "import torch, torchvision, timm, ray, optuna, faiss, ray.job_submission, ray.dashboard.modules.job.sdk, aiohttp; print('dmlbench venv ready: torch', torch.__version__)"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 
 class DmlbenchError(Exception):
-    """A problem the user can fix; ``str(err)`` is shown to them as is."""
+    """A problem the user can fix; ``str(err)`` is shown to them as is.
+
+    ``exit_code`` is the command's exit status when it ends with this error (2: bad input).
+    """
+
+    exit_code = 2
 
 
 class ConfigError(DmlbenchError, ValueError):
@@ -56,4 +61,22 @@ def close_matches(name: str, valid: list[str]) -> list[str]:
 
 
 class SweepInterrupted(DmlbenchError):
-    """The driver was interrupted; the experiment state is saved and the sweep can be resumed."""
+    """The driver was interrupted (Ctrl-C); the experiment state is saved and the sweep can be resumed."""
+
+    exit_code = 130  # the shell's code for a command ended by SIGINT
+
+
+class ClusterError(DmlbenchError):
+    """The Ray cluster cannot be joined (address, token, version); nothing was started."""
+
+
+class SweepIncomplete(DmlbenchError):
+    """The sweep ran, but some cell produced no complete trial (its rows say why)."""
+
+    exit_code = 1
+
+
+class JobFailed(DmlbenchError):
+    """A submitted Ray Job ended FAILED or STOPPED."""
+
+    exit_code = 1

@@ -172,14 +172,14 @@ def test_resources_and_addresses() -> None:
 
 
 def test_unreachable_address_is_one_line(captured: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
-    res = invoke("submit", "--address", "http://127.0.0.1:1", "--", "sweep", "--methods", "proxyanchor")
+    res = invoke("submit", "--address", "http://127.0.0.1:1", "--", "sweep", "--methods", "proxyanchor", "--output", "/srv/out")
     assert res.exit_code == 2
     assert "cannot reach a Ray cluster at http://127.0.0.1:1" in " ".join(res.output.split())
 
 
 def test_submit_job_excludes_data_results_and_secrets() -> None:
-    job = jobs.build_job(["sweep", "--methods", "ccp", "--datasets", "all"])
-    assert job["entrypoint"] == "python -m dmlbench.cli sweep --methods ccp --datasets all"
+    job = jobs.build_job(["sweep", "--methods", "ccp", "--datasets", "all", "--output", "/srv/out"])
+    assert job["entrypoint"] == "python -m dmlbench.cli sweep --methods ccp --datasets all --output /srv/out"
     env = job["runtime_env"]
     assert (Path(env["working_dir"]) / "dmlbench" / "__init__.py").exists()
     for pat in ("results/", "data/", ".venv/", ".git/", ".env", "*.pem", "id_rsa*", "credentials*"):

@@ -162,11 +162,12 @@ def test_local_ray_dashboard_binds_to_localhost_unless_asked(
     seen: dict[str, Any] = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     spec = build_spec(methods="triplet", datasets="digits", dashboard_host=host)
     assert cluster.connect(spec) is True
     assert seen["dashboard_host"] == (host or "127.0.0.1")
     assert seen["include_dashboard"] is dashboard
-    assert "address" not in seen
+    assert seen["address"] == "local"  # a private local Ray, never one found through Ray's pointer file
 
 
 # ---- dmlbench submit -------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def test_submit_never_uploads_data_results_or_secrets(
     submitted: dict[str, Any] = {}
 
     class FakeClient:
-        def __init__(self, address: str):
+        def __init__(self, address: str, headers: dict[str, str]):
             submitted["address"] = address
 
         def submit_job(self, **kw: Any) -> str:
@@ -200,9 +201,9 @@ def test_submit_never_uploads_data_results_or_secrets(
             return "job-1"
 
     monkeypatch.setattr(jobs, "package_root", lambda: tmp_path)
-    monkeypatch.setattr(jobs, "probe", lambda address: None)
+    monkeypatch.setattr(jobs.cluster, "probe", lambda address: None)
     monkeypatch.setattr("ray.job_submission.JobSubmissionClient", FakeClient)
-    args = ["sweep", "--methods", "triplet", "--datasets", "digits", "--preset", "smoke"]
+    args = ["sweep", "--methods", "triplet", "--datasets", "digits", "--preset", "smoke", "--output", "/srv/out"]
     result = CliRunner().invoke(app, ["submit", "--address", "http://head:8265", "--", *args])
     assert result.exit_code == 0, result.output
     assert "job-1" in result.output

@@ -3,7 +3,9 @@
 Commands are thin: parse options, call one library function, print. Each command module in this
 package registers its commands on :data:`app` when imported; :func:`main` imports them all.
 Errors the user can fix (:class:`dmlbench.errors.DmlbenchError`) print one sentence to stderr and
-exit with status 2, without a traceback.
+exit without a traceback, with the error's ``exit_code``: 2 for bad input, 130 for a sweep stopped
+by Ctrl-C, 1 for a sweep with cells that produced no complete trial or a submitted job that failed
+(and 3, from the driver's watchdog, for a Ray cluster lost under a running sweep).
 
 Start-up must stay fast (``dmlbench --help`` well under a second): command modules import only
 typer, rich and light dmlbench modules at the top; torch, ray, optuna, pandas and matplotlib are
@@ -50,7 +52,7 @@ Wide = Annotated[
 
 
 def friendly(fn: F) -> F:
-    """Decorator for commands: a :class:`DmlbenchError` becomes one line on stderr and exit 2."""
+    """Decorator for commands: a :class:`DmlbenchError` becomes one line on stderr and its exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -58,7 +60,7 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except DmlbenchError as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
+            raise typer.Exit(err.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -76,7 +78,7 @@ def main() -> None:
         app()
     except DmlbenchError as err:  # raised outside a @friendly command
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(err.exit_code)
 
 
 load_commands()

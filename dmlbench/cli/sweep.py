@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -9,9 +11,10 @@ import typer
 
 from dmlbench.cli import Wide, app, console, friendly
 from dmlbench.cli._tables import Col, print_table
+from dmlbench.errors import SweepInterrupted
 
 
-@app.command(epilog="Examples:\n\n  dmlbench sweep --methods nivmf,ccp,diva --datasets embedded --preset smoke\n\n  dmlbench sweep --methods all --datasets all --data-root /data/dml --gpus-per-trial 0.5 --trials 40\n\n  dmlbench sweep --methods ccp --datasets cub200 --address ray://head:10001 --storage s3://bucket/dml\n\n  dmlbench sweep ... --dry-run")
+@app.command(epilog="Examples:\n\n  dmlbench sweep --methods nivmf,ccp,diva --datasets embedded --preset smoke\n\n  dmlbench sweep --methods all --datasets all --data-root /data/dml --gpus-per-trial 0.5 --trials 40\n\n  dmlbench sweep --methods ccp --datasets cub200 --address head:6379 --storage s3://bucket/dml\n\n  dmlbench sweep ... --dry-run")
 @friendly
 def sweep(
     *,
@@ -20,8 +23,9 @@ def sweep(
     backbones: Annotated[str | None, typer.Option(help="comma list of backbones (timm names or 'tiny'); default resnet50")] = None,
     trials: Annotated[int | None, typer.Option(help="search trials per cell (default 20)")] = None,
     epochs: Annotated[int | None, typer.Option(help="max epochs per trial (ASHA budget, default 30)")] = None,
-    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial; fractions share a GPU (default 0)")] = None,
-    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs per trial (default 1)")] = None,
+    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial; fractions share a GPU (default: 1 on a cluster with GPUs, else 0)")] = None,
+    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs per trial; data-loader workers and threads follow it (default 1; 4-8 for a GPU trial)")] = None,
+    allow_cpu: Annotated[bool, typer.Option("--allow-cpu", help="let trials on the benchmark datasets train on CPU (refused otherwise)")] = False,
     max_concurrent: Annotated[int | None, typer.Option(help="max trials running at once per cell (default: as resources allow)")] = None,
     search_space: Annotated[Path | None, typer.Option(help="YAML replacing the search space of the method it names")] = None,
     folds: Annotated[int | None, typer.Option(help="class-disjoint validation folds of the train classes (default 4)")] = None,
@@ -29,7 +33,7 @@ def sweep(
     seed: Annotated[int | None, typer.Option(help="sweep seed (samplers, splits, final seeds)")] = None,
     name: Annotated[str | None, typer.Option(help="sweep name (default sweep-<spec hash>)")] = None,
     output: Annotated[Path | None, typer.Option(help="results folder (default results/)")] = None,
-    address: Annotated[str | None, typer.Option(help="join a Ray cluster (ray://HEAD:10001 or HEAD:6379); default: local Ray")] = None,
+    address: Annotated[str | None, typer.Option(help="join the Ray cluster at HEAD:6379 (run on a node of it; else use `dmlbench submit`); default: $RAY_ADDRESS if set, else a private local Ray")] = None,
     storage: Annotated[str | None, typer.Option(help="shared storage for multi-node: a path all nodes see, s3://..., gs://...")] = None,
     data_root: Annotated[Path | None, typer.Option(help="benchmark datasets root (default $DMLBENCH_DATA)")] = None,
     metric: Annotated[str | None, typer.Option(help="validation metric to maximise (default map_at_r)")] = None,
@@ -48,26 +52,50 @@ def sweep(
         gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
         search_space=search_space, folds=folds, final_seeds=final_seeds, seed=seed, name=name, output=output,
         address=address, storage=storage, data_root=data_root, metric=metric, grace_period=grace_period,
-        dashboard_host=dashboard_host,
+        dashboard_host=dashboard_host, allow_cpu=allow_cpu or None,
     )  # fmt: skip
-    sw.run(spec, resume=resume, force=force, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    try:
+        sw.run(spec, resume=resume, force=force, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
+    except SweepInterrupted as err:
+        raise SweepInterrupted(f"{err}\n  {_command_line()}") from None
+
+
+def _command_line() -> str:
+    """This command as the user would type it again (to resume an interrupted sweep)."""
+    return shlex.join(["dmlbench", *sys.argv[1:]])
 
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    epilog="Examples:\n\n  dmlbench submit --address http://head:8265 -- sweep --methods ccp --datasets cub200 --data-root /data/dml",
+    epilog="Examples:\n\n  dmlbench submit --address http://head:8265 -- sweep --methods ccp --datasets cub200 --data-root /data/dml --output /mnt/nfs/dmlbench\n\n  dmlbench submit --wait --address http://head:8265 -- sweep --methods ccp --datasets cub200 --output ~/dmlbench-results",
 )
 @friendly
 def submit(
     ctx: typer.Context,
     *,
     address: Annotated[str, typer.Option(help="Ray dashboard URL of the cluster, e.g. http://HEAD:8265")],
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job's log until it ends; exit non-zero if it fails")] = False,
 ) -> None:
-    """Submit a sweep as a Ray Job: dmlbench submit --address http://HEAD:8265 -- sweep --methods ..."""
+    """Submit a sweep as a Ray Job: dmlbench submit --address http://HEAD:8265 -- sweep ... --output /abs/path
+
+    --output (and --storage) must be absolute paths on the cluster (or a URI for --storage). A token
+    for a cluster with token authentication is read from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token (see docs/cluster.md).
+    """
     from dmlbench.orchestrator import jobs
 
-    job_id = jobs.submit(address, list(ctx.args))
-    console.print(jobs.follow_hint(address, job_id), highlight=False, soft_wrap=True)
+    def echo(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+    client, job_id = jobs.submit(address, list(ctx.args))
+    echo(jobs.follow_hint(address, job_id, jobs.option_value(list(ctx.args), "--output")))
+    if wait:
+        try:
+            status = jobs.follow(client, job_id, echo)
+        except KeyboardInterrupt:
+            echo(f"stopped following; job {job_id} keeps running on the cluster (see the commands above).")
+            raise typer.Exit(130) from None
+        echo(f"job {job_id} {status}")
 
 
 @app.command(epilog="Examples:\n\n  dmlbench status results/")

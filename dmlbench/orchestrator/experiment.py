@@ -21,7 +21,7 @@ from typing import Any
 from ray import tune
 
 from dmlbench.errors import DmlbenchError, SweepInterrupted
-from dmlbench.orchestrator import cluster
+from dmlbench.orchestrator import cluster, interrupts
 from dmlbench.orchestrator.planning import cell_base, cell_seed, cell_space, final_seeds
 from dmlbench.orchestrator.rows import build_row, sampled_params
 from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name
@@ -133,7 +133,7 @@ def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None) -
     fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn,
                               split_hash=_cell_split_hash(base))  # fmt: skip
     res: dict[str, float] = {"cpu": spec.cpus_per_trial}
-    if spec.gpus_per_trial > 0:
+    if spec.gpus_per_trial:  # resolved by cluster.resolve_resources before any experiment starts
         res["gpu"] = spec.gpus_per_trial
     return tune.with_resources(fn, res)
 
@@ -160,7 +160,7 @@ def run_config(spec: SweepSpec, sink: RowSink) -> Any:
         # the experiment state (trial statuses, searcher) reaches the storage path within ~2 s:
         # a killed driver then restores finished trials as finished (Ray's default syncs every 300 s)
         sync_config=tune.SyncConfig(sync_period=2),
-        callbacks=[RowCallback(sink)],
+        callbacks=[RowCallback(sink), interrupts.StopCallback()],
         verbose=0,
     )
 
@@ -169,8 +169,11 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
     """Run (or restore and continue) the experiment; every terminal trial ends as a row in ``out``.
 
     Raises :class:`SweepInterrupted` when ``fit`` returned with unfinished trials (Ctrl-C: Tune
-    saved its state first), so the caller stops instead of moving on.
+    saved its state first) or the sweep was asked to stop (:mod:`.interrupts`), so the caller stops
+    instead of moving on; trials interrupted while running stay unfinished (no row) and continue from
+    their last checkpoint when the same command runs again.
     """
+    interrupts.raise_if_requested(f"experiment {sink.experiment}")  # Ctrl-C: nothing new starts
     path = f"{cluster.storage_root(spec)}/{sink.experiment}"
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=False,
@@ -188,7 +191,7 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
         row = sink.row(trial)
         out.rows[row[schema.ROW_ID]] = row
     write_progress(sweep_dir(spec), sink.experiment, set())
-    if unfinished:
+    if unfinished or interrupts.requested():
         raise SweepInterrupted(
             f"sweep interrupted with {unfinished} unfinished trial(s) in {sink.experiment}; rerun the same command "
             "(or add --resume) to continue where it stopped."

@@ -209,6 +209,7 @@ def cell_base(spec: SweepSpec, cell: Cell, phase: str) -> dict[str, Any]:
     params = layer_params(method_cls, params, dict(spec.trial_base.get("params") or {}))
     base: dict[str, Any] = {
         **layered,
+        **cluster.loader_defaults(spec),  # data-loader workers, threads, pinned memory per --cpus-per-trial
         **{k: v for k, v in spec.trial_base.items() if k != "params"},
         "params": params,
         "method": cell.method,
@@ -267,8 +268,9 @@ def format_plan(spec: SweepSpec, p: Plan) -> str:
     for c in p.cells:
         lines.append(f"  {c.key:<40} {p.trials_per_cell} trials + {p.final_per_cell} final")
     lines.append(f"total: {p.total_trials()} trials, at most {p.max_trial_epochs} trial-epochs (ASHA prunes some)")
+    lines.append(cluster.format_resources(spec))
     if p.est_epoch_s is not None:
-        gpu = spec.gpus_per_trial if spec.gpus_per_trial > 0 else 0.0
+        gpu = spec.gpus_per_trial if spec.gpus_per_trial is not None else 1.0
         hours = p.max_trial_epochs * p.est_epoch_s / 3600
         lines.append(
             f"estimated cost: ≤ {hours:.2f} trial-hours ({hours * gpu:.2f} GPU-hours) at {p.est_epoch_s:.1f} s/epoch ({p.est_note})"

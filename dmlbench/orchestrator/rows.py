@@ -86,9 +86,10 @@ def build_row(
     if wall is None:
         wall = last.get("time_total_s")
     gpu_type, gpu_count = provenance.gpu_info()
+    gpus = spec.gpus_per_trial or 0.0  # resolved by the sweep; None (not yet resolved) counts as 0
     gpu_hours = None
     if wall is not None:
-        gpu_hours = float(wall) / 3600.0 * (spec.gpus_per_trial if spec.gpus_per_trial > 0 else 0.0)
+        gpu_hours = float(wall) / 3600.0 * gpus
     err = error or (str(last.get(ERROR_KEY)) if last.get(ERROR_KEY) else None)
     row: dict[str, Any] = {
         schema.ROW_ID: row_id(spec, cell, phase, trial_id),
@@ -120,8 +121,8 @@ def build_row(
         schema.STEPS: summary.get("steps"),
         schema.WALL_TIME_S: float(wall) if wall is not None else None,
         schema.GPU_HOURS: gpu_hours,
-        schema.GPU_TYPE: gpu_type if spec.gpus_per_trial > 0 else "cpu",
-        schema.GPU_COUNT: gpu_count if spec.gpus_per_trial > 0 else 0,
+        schema.GPU_TYPE: gpu_type if gpus > 0 else "cpu",
+        schema.GPU_COUNT: gpu_count if gpus > 0 else 0,
         schema.PACKAGE_VERSIONS_JSON: provenance.package_versions_json(),
         schema.GIT_SHA: provenance.git_sha(),
         schema.SCHEMA_VERSION_COL: schema.SCHEMA_VERSION,

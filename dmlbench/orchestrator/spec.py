@@ -2,7 +2,8 @@
 
 The CLI builds a ``SweepSpec``; everything downstream (cells, experiment names, the sweep id, the
 resume check) derives from it. Fields that change *what* is computed form the identity hash;
-where it runs (``output``, ``address``, ``storage``, ``max_concurrent``) does not.
+where and on what it runs (``output``, ``address``, ``storage``, ``max_concurrent``, the
+resources per trial) does not.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dmlbench.config import TrialConfig
 
-#: spec fields that do not change the results (excluded from the identity hash)
-RUNTIME_FIELDS = frozenset({"output", "address", "storage", "max_concurrent", "name", "dashboard_host"})
+#: spec fields that do not change the results (excluded from the identity hash): where and on what
+#: it runs (the resources per trial are resolved against the cluster when the sweep starts)
+RUNTIME_FIELDS = frozenset({
+    "output", "address", "storage", "max_concurrent", "name", "dashboard_host", "gpus_per_trial",
+    "cpus_per_trial", "allow_cpu",
+})  # fmt: skip
 EMBEDDED = ("synthetic", "digits")
 BENCHMARKS = ("cub200", "cars196", "sop", "inshop")
 METRIC_MODES = {"map_at_r": "max", "r_precision": "max", "precision_at_1": "max", "nmi": "max", "f1": "max"}
@@ -37,8 +42,11 @@ class SweepSpec(BaseModel):
     grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial can be pruned")
     reduction_factor: int = Field(default=2, ge=2, description="ASHA reduction factor")
     metric: str = Field(default="map_at_r", description="validation metric the search maximises")
-    gpus_per_trial: float = Field(default=0.0, ge=0)
-    cpus_per_trial: float = Field(default=1.0, gt=0)
+    gpus_per_trial: float | None = Field(
+        default=None, ge=0, description="GPUs per trial (fractions share one); None: 1 on a cluster with GPUs, else 0"
+    )
+    cpus_per_trial: float = Field(default=1.0, gt=0, description="CPUs per trial: data-loader workers and threads")
+    allow_cpu: bool = Field(default=False, description="let trials on the benchmark datasets train on CPU")
     max_concurrent: int | None = Field(default=None, ge=1)
     search_space: str | None = Field(default=None, description="YAML overriding its method's space")
     folds: int = Field(default=4, ge=2)

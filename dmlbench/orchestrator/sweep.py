@@ -1,6 +1,11 @@
 """``dmlbench sweep``, top to bottom: validate and plan (:mod:`.planning`), check a resumed sweep's
-spec (:mod:`.sweepdir`), connect to Ray (:mod:`.cluster`), run the cells (:mod:`.scheduler`), then
-rebuild the leaderboard and print a per-cell summary (DESIGN §2, §5).
+spec (:mod:`.sweepdir`), connect to Ray and decide the resources per trial (:mod:`.cluster`), run the
+cells (:mod:`.scheduler`), then rebuild the leaderboard and print a per-cell summary (DESIGN §2, §5).
+
+How a sweep ends: all cells have a complete trial → returns; some cell has none →
+:class:`~dmlbench.errors.SweepIncomplete` naming the cells (exit 1); Ctrl-C → the whole sweep stops
+(:mod:`.interrupts`), :class:`~dmlbench.errors.SweepInterrupted` (exit 130), and the same command
+continues it; the cluster lost → one sentence from :func:`.cluster.watch` (exit 3), resumable too.
 
 Ray is imported only once a sweep really starts (not for ``--dry-run`` or validation errors).
 """
@@ -9,10 +14,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dmlbench.errors import SweepIncomplete, SweepInterrupted
 from dmlbench.orchestrator import cluster
 from dmlbench.orchestrator.planning import build_spec, format_plan, plan, validate
 from dmlbench.orchestrator.spec import SweepSpec
@@ -23,7 +30,7 @@ from dmlbench.results import schema, store
 if TYPE_CHECKING:
     from dmlbench.orchestrator.experiment import CellOutcome
 
-__all__ = ["Printer", "build_spec", "run", "summary_table"]
+__all__ = ["Printer", "build_spec", "incomplete_cells", "run", "summary_table"]
 
 Printer = Callable[[str], None]
 
@@ -32,6 +39,27 @@ Printer = Callable[[str], None]
 #: a trial finished does not restore that trial as unfinished (it would re-enter from its last
 #: checkpoint). ``TUNE_GLOBAL_CHECKPOINT_S`` set by the user wins.
 _TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+@contextmanager
+def _driver_settings() -> Iterator[None]:
+    """Tune's legacy reporter (it honours verbose=0; the new one prints boxes per experiment) and
+    Optuna's per-study INFO lines off; both restored on the way out."""
+    import optuna
+
+    old_env = {k: os.environ.get(k) for k in _TUNE_ENV}
+    os.environ.update({k: v for k, v in _TUNE_ENV.items() if k not in os.environ or k == "RAY_AIR_NEW_OUTPUT"})
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run(
@@ -44,44 +72,71 @@ def run(
     echo: Printer = print,
     num_cpus: int | None = None,
 ) -> list[CellOutcome]:
-    """Run (or with ``dry_run`` only print) a sweep; returns what each cell produced."""
+    """Run (or with ``dry_run`` only print) a sweep; returns what each cell produced.
+
+    Raises :class:`SweepInterrupted` after Ctrl-C and :class:`SweepIncomplete` when some cell
+    produced no complete trial (after the leaderboard and the summary are written).
+    """
+    cluster.join_address(spec)  # a ray:// or dashboard URL is refused before anything else
     validate(spec)
     spec = check_resume(spec, resume, force)
     echo(format_plan(spec, plan(spec)))
     if dry_run:
         echo("dry run: nothing started.")
         return []
-    import optuna
+    cluster.prepare_auth()  # before Ray is imported
+    from dmlbench.orchestrator import interrupts
 
-    # Tune's legacy reporter honours verbose=0 (the new one prints boxes per experiment); Optuna's
-    # per-study INFO lines are noise here. Both are restored on the way out.
-    old_env = {k: os.environ.get(k) for k in _TUNE_ENV}
-    os.environ.update({k: v for k, v in _TUNE_ENV.items() if k not in os.environ or k == "RAY_AIR_NEW_OUTPUT"})
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    started = cluster.connect(spec, num_cpus=num_cpus)
-    try:
-        cluster.check_resources(spec, cluster.node_capacity())
-        write_spec(spec)
-        t0 = time.time()
-        from dmlbench.orchestrator.scheduler import run_cells
+    rows = sweep_dir(spec) / store.ROWS_DIR
+    resume_hint = f"rerun the same command to continue (rows so far: {rows})."
+    started = False
+    with interrupts.handling(), _driver_settings():
+        try:
+            started = cluster.connect(spec, num_cpus=num_cpus, echo=echo)
+            nodes = cluster.node_capacity()
+            spec = cluster.resolve_resources(spec, nodes)
+            echo(f"{cluster.format_resources(spec)}; cluster: {cluster.cluster_summary(nodes)}")
+            write_spec(spec)
+            t0 = time.time()
+            from dmlbench.orchestrator.scheduler import run_cells
 
-        outcomes = run_cells(spec, train_fn, echo)
-        lb = store.rebuild_leaderboard(Path(spec.output))
-        echo(summary_table(outcomes, spec))
-        echo(f"done in {time.time() - t0:.0f} s; rows in {sweep_dir(spec) / store.ROWS_DIR}, leaderboard {lb}")
-        return outcomes
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if started:
-            import ray
+            where = spec.address or os.environ.get("RAY_ADDRESS") or "the local Ray this sweep started"
+            with cluster.watch(where, f"the sweep state is saved; {resume_hint}"):
+                outcomes = run_cells(spec, train_fn, echo)
+            lb = store.rebuild_leaderboard(Path(spec.output))
+            echo(summary_table(outcomes, spec))
+            echo(f"done in {time.time() - t0:.0f} s; rows in {rows}, leaderboard {lb}")
+        except (KeyboardInterrupt, SweepInterrupted) as err:
+            n = len(list(rows.glob("*.parquet"))) if rows.is_dir() else 0
+            why = "stopped by Ctrl-C" if interrupts.requested() or isinstance(err, KeyboardInterrupt) else str(err)
+            raise SweepInterrupted(
+                f"sweep {spec.sweep_id} {why.rstrip('.')}: {n} row(s) written, interrupted trials keep their last "
+                f"checkpoint; {resume_hint}"
+            ) from None
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+    missing = incomplete_cells(outcomes, spec)
+    if missing:
+        raise SweepIncomplete(
+            f"no complete trial in {len(missing)} of {len(outcomes)} cell(s): {'; '.join(missing)}; the rows' "
+            f"error column says why (dmlbench leaderboard {spec.output} --format json, or dmlbench status {spec.output})."
+        )
+    return outcomes
+
+
+def incomplete_cells(outcomes: list[CellOutcome], spec: SweepSpec) -> list[str]:
+    """``cell (phase)`` for every cell whose search, or final phase, has no complete trial."""
+    out = []
+    for o in outcomes:
+        done = {r[schema.PHASE] for r in o.rows.values() if r[schema.STATUS] == "complete"}
+        phases = ["search"] + (["final"] if spec.final_seeds else [])
+        lacking = [ph for ph in phases if ph not in done]
+        if lacking:
+            out.append(f"{o.cell.key} ({' and '.join(lacking)})")
+    return out
 
 
 def summary_table(outcomes: list[CellOutcome], spec: SweepSpec) -> str:

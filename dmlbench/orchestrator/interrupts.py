@@ -1,0 +1,137 @@
+"""Ctrl-C for a whole sweep (DESIGN §5): the first one stops the sweep, a second one exits at once.
+
+On its own, Ray Tune handles SIGINT per experiment: the experiment running in the main thread stops
+gracefully (a final save of the experiment state, in which the running trials stay unfinished, so a
+rerun continues them from their last checkpoint) and ``Tuner.fit`` returns, after which a driver
+would go on to the next cell. This module turns the first Ctrl-C into a stop of the *sweep*:
+
+* :func:`handling` (entered by the sweep driver, main thread) installs the sweep's SIGINT handler.
+  Outside a Tune experiment (joining the cluster, between cells, writing the leaderboard) the first
+  Ctrl-C records the stop request (:func:`requested`) and raises ``KeyboardInterrupt`` where the
+  driver is; any later one ends the process at once with exit status 130 (what was saved stays).
+* :class:`StopCallback` (every experiment of the sweep gets one) chains onto Tune's own SIGINT
+  handler when the experiment runs in the main thread: the first Ctrl-C records the request and lets
+  Tune stop gracefully, and Tune then puts the sweep's handler back, so the second Ctrl-C exits at
+  once. An experiment running in another thread (Tune installs no handler there) is ended by the
+  callback at its next step (``SweepInterrupted``); its state is the last periodic save
+  (``TUNE_GLOBAL_CHECKPOINT_S``).
+
+Callers check :func:`raise_if_requested` before starting new work (an experiment, a cell's final
+phase), so nothing new starts after the first Ctrl-C, whatever the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from ray import tune
+
+from dmlbench.errors import SweepInterrupted
+
+#: exit status of a process ended by the second Ctrl-C (the shell's code for SIGINT)
+EXIT_INTERRUPTED = 130
+
+_stop = threading.Event()
+_active = threading.Event()  # set while :func:`handling` is in effect
+
+FIRST = (
+    "\nCtrl-C: stopping the sweep: no new trials or cells start, running trials keep their last checkpoint "
+    "(rerun the same command to continue); press Ctrl-C again to quit at once.\n"
+)
+SECOND = "\nCtrl-C again: quitting now; rerun the same command to continue from the last saved state.\n"
+
+
+def requested() -> bool:
+    """Whether a stop of the sweep was requested (first Ctrl-C) since :func:`handling` was entered."""
+    return _stop.is_set()
+
+
+def raise_if_requested(what: str) -> None:
+    """Raise :class:`SweepInterrupted` when a stop was requested, instead of starting ``what``."""
+    if _stop.is_set():
+        raise SweepInterrupted(f"sweep stopped by Ctrl-C before {what}; rerun the same command to continue.")
+
+
+def _say(text: str) -> None:
+    # os.write, not print: a signal handler may run in the middle of a print to the same stream
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+def _first() -> None:
+    _stop.set()
+    _say(FIRST)
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    """The sweep's SIGINT handler: first → stop request + KeyboardInterrupt; again → exit 130 now."""
+    if _stop.is_set():
+        _say(SECOND)
+        os._exit(EXIT_INTERRUPTED)
+    _first()
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def handling() -> Iterator[None]:
+    """Install the sweep's SIGINT handler for the ``with`` block (main thread only; a no-op elsewhere,
+    where Python cannot install handlers). The previous handler is restored on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    _stop.clear()
+    signal.signal(signal.SIGINT, _on_sigint)
+    _active.set()
+    try:
+        yield
+    finally:
+        _active.clear()
+        signal.signal(signal.SIGINT, previous)
+
+
+def _chained(tune_handler: Any) -> Any:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if _stop.is_set():  # a stop is already under way: this is the second Ctrl-C
+            _on_sigint(signum, frame)
+        _first()
+        tune_handler(signum, frame)  # Tune stops gracefully and puts the previous handler back
+
+    handler.dmlbench_chained = True  # type: ignore[attr-defined]
+    return handler
+
+
+class StopCallback(tune.Callback):  # type: ignore[misc]
+    """Makes a Tune experiment part of the sweep's Ctrl-C handling (see the module docstring).
+
+    Holds no state (Tune pickles callbacks with the experiment); the handlers live in this module.
+    """
+
+    def setup(self, **info: Any) -> None:
+        if not _active.is_set() or threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGINT)
+        # Tune installs its handler when the experiment starts, before callbacks are set up; with
+        # TUNE_DISABLE_SIGINT_HANDLER=1 the sweep's own handler is still there and stays
+        if callable(current) and current is not _on_sigint and not getattr(current, "dmlbench_chained", False):
+            signal.signal(signal.SIGINT, _chained(current))
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if _stop.is_set() and threading.current_thread() is not threading.main_thread():
+            raise SweepInterrupted("sweep stopped by Ctrl-C; rerun the same command to continue.")
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # Tune leaves its handler installed after an experiment that ended normally; put the
+        # sweep's back, so a Ctrl-C between experiments stops the sweep where it is
+        if threading.current_thread() is threading.main_thread() and getattr(
+            signal.getsignal(signal.SIGINT), "dmlbench_chained", False
+        ):
+            signal.signal(signal.SIGINT, _on_sigint)

@@ -1,0 +1,159 @@
+"""Ctrl-C stops the whole sweep: SIGINT to the process group of a running ``dmlbench sweep`` (what a
+terminal sends), exit 130 with the command to resume, no new cell, no row from an interrupted trial;
+the rerun continues every interrupted trial from its checkpoint, reruns no finished one and writes
+no duplicate row. A second Ctrl-C exits at once.
+
+The sweeps run the real CLI on a private local Ray (its own temp dir and home) with the fake train
+function of ``tests/sweep_driver.py``, so they need no engine and kill only processes they started.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DRIVER = Path(__file__).with_name("sweep_driver.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def private_env() -> Iterator[dict[str, str]]:
+    """Environment of a driver with its own Ray temp dir (short: Ray's socket paths must fit) and home."""
+    base = Path(tempfile.mkdtemp(prefix="dmlb-", dir="/tmp"))
+    (base / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(HOME=str(base / "home"), RAY_TMPDIR=str(base), PYTHONPATH=str(ROOT), SWEEP_LOG=str(base / "starts.log"),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # fmt: skip
+    try:
+        yield env
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def sweep_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(DRIVER), "sweep", "--methods", "proxyanchor", "--datasets", "digits,synthetic",
+            "--backbones", "tiny", "--trials", "4", "--epochs", "3", "--grace-period", "3", "--final-seeds", "0",
+            "--folds", "3", "--output", str(out), "--name", "intr", *extra]  # fmt: skip
+
+
+def log_lines(env: dict[str, str]) -> list[list[str]]:
+    path = Path(env["SWEEP_LOG"])
+    return [ln.split() for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def read_rows(out: Path):  # type: ignore[no-untyped-def]
+    from dmlbench.results import store
+
+    df, warnings = store.read_rows(out)
+    assert warnings == []
+    return df
+
+
+def test_first_ctrl_c_stops_the_sweep_and_the_rerun_continues(private_env: dict[str, str], tmp_path: Path) -> None:
+    from dmlbench.results import schema
+
+    env = {**private_env, "SWEEP_EPOCH_S": "1.5"}
+    out = tmp_path / "out"
+    cmd = sweep_cmd(out)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        # a trial of the first cell has finished (a row), and another has a checkpoint and is still running
+        def mid_way() -> bool:
+            lines = log_lines(env)
+            ended = {ln[2] for ln in lines if ln[0] == "end"}
+            return bool(ended) and any(ln[0] == "epoch" and ln[2] not in ended for ln in lines)
+
+        wait_for(mid_way, 300, "a finished trial and a running one with a checkpoint")
+        time.sleep(2.0)  # the running trial's checkpoint reaches Tune's experiment state
+        t_sigint = time.time()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        output, _ = proc.communicate(timeout=120)
+        took = time.time() - t_sigint
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert took < 60, f"exit took {took:.0f} s after Ctrl-C"
+    print(f"exit 130 {took:.1f} s after SIGINT")
+    flat = " ".join(output.split())
+    assert "stopped by Ctrl-C" in flat and "rerun the same command" in flat
+    assert "dmlbench sweep --methods proxyanchor --datasets digits,synthetic" in flat  # the command to resume
+
+    lines = log_lines(env)
+    assert not [ln for ln in lines if ln[1] == "synthetic"], "the second cell started after Ctrl-C"
+    ended = {ln[2] for ln in lines if ln[0] == "end"}
+    reported = {}  # trial -> last epoch it reported at least 2 s before the SIGINT
+    for ln in lines:
+        if ln[0] == "epoch" and float(ln[4]) < t_sigint - 2.0:
+            reported[ln[2]] = max(reported.get(ln[2], 0), int(ln[3]))
+    interrupted = {t: e for t, e in reported.items() if t not in ended}
+    assert interrupted, "no trial was interrupted mid-way; the test did not test anything"
+    df = read_rows(out)
+    # only trials that ended have rows: nothing interrupted is recorded as pruned, complete or NaN
+    assert set(df[schema.STATUS]) == {"complete"}
+    assert not df[schema.MAP_AT_R].isna().any()
+    assert {r.rsplit("-", 1)[1] for r in df[schema.ROW_ID]} == ended
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    df = read_rows(out)
+    assert len(df) == 8 and df[schema.ROW_ID].is_unique
+    assert set(df[schema.STATUS]) == {"complete"} and all(math.isfinite(v) for v in df[schema.MAP_AT_R])
+    starts: dict[str, list[int]] = {}
+    for ln in log_lines(env):
+        if ln[0] == "start":
+            starts.setdefault(ln[2], []).append(int(ln[3]))
+    for trial in ended:
+        assert len(starts[trial]) == 1, f"finished trial {trial} was started again"
+    for trial, epoch in interrupted.items():
+        assert len(starts[trial]) == 2 and starts[trial][1] >= 1, (
+            f"interrupted trial {trial} (epoch {epoch} saved) restarted from epoch {starts[trial][1:]}, not its checkpoint"
+        )
+
+
+def test_second_ctrl_c_exits_at_once(private_env: dict[str, str], tmp_path: Path) -> None:
+    env = {**private_env, "SWEEP_EPOCH_S": "3"}
+    out = tmp_path / "out"
+    proc = subprocess.Popen(sweep_cmd(out), env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: any(ln[0] == "start" for ln in log_lines(env)), 300, "the first trial")
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        t_second = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        took = time.time() - t_second
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert took < 10, f"the second Ctrl-C took {took:.1f} s"
+    print(f"exit 130 {took:.2f} s after the second SIGINT")
+    assert "Ctrl-C again: quitting now" in output
+    if (out / "intr" / "rows").exists():
+        read_rows(out)  # what was written is intact
