@@ -90,10 +90,14 @@ def _auth_error(address: str, err: Exception) -> ClusterError:
     )
 
 
-def client(address: str) -> Any:
-    """A ``JobSubmissionClient`` for the dashboard at ``address`` (token sent when available here)."""
+def check_url(address: str) -> None:
     if not address.startswith(("http://", "https://")):
         raise ConfigError(f"--address {address!r} must be the Ray dashboard URL, e.g. http://HEAD:8265.")
+
+
+def client(address: str) -> Any:
+    """A ``JobSubmissionClient`` for the dashboard at ``address`` (token sent when available here)."""
+    check_url(address)
     cluster.probe(address)
     try:
         from ray.exceptions import AuthenticationError
@@ -112,6 +116,7 @@ def client(address: str) -> Any:
 
 def submit(address: str, args: list[str]) -> tuple[Any, str]:
     """Submit the job; returns the client and the job id. Bad input → one clear sentence."""
+    check_url(address)
     job = build_job(args)
     jobs = client(address)
     from ray.exceptions import AuthenticationError
