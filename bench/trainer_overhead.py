@@ -14,8 +14,10 @@ everything from a host batch to an updated model:
 * bare: ``x = images.to(dev).float() / 255; loss = criterion(model(x), y); zero_grad; backward;
   step`` with the same autocast and memory format, and no logging at all.
 
-Rounds alternate (dmlbench, bare, dmlbench, ...) so load changes hit both; the median time per
-step of each is reported with the ratio. The first step of each side starts from the same weights
+Rounds alternate (dmlbench then bare, bare then dmlbench, ...) so load changes hit both; the median time per
+step of each is reported with the ratio, in wall time and, on CPU, in process CPU time (all
+threads): on a shared machine the wall times swing with other people's load, while the CPU time
+with one torch thread (``--threads 1``) is the stable figure. The first step of each side starts from the same weights
 on the same batch, so their losses must agree (the run exits non-zero when they do not).
 
     python bench/trainer_overhead.py                       # CPU, timm test_resnet, 64 px, batch 32
@@ -125,14 +127,15 @@ class BareLoop:
         return float(first) if first is not None else float("nan")
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds of all threads) of ``fn()``, the device synchronised."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _syncs_per_step(fn: Callable[[list[Batch]], Any], batches: list[Batch]) -> float:
@@ -173,23 +176,33 @@ def compare(args: argparse.Namespace) -> int:
         warm = stream[: args.warmup]
         trainer.run_steps(warm)
         bare.run(warm)
-        t_tr: list[float] = []
-        t_bare: list[float] = []
-        for _ in range(args.rounds):
-            t_tr.append(_timed(lambda: trainer.run_steps(stream), device) / args.steps)
-            t_bare.append(_timed(lambda: bare.run(stream), device) / args.steps)
+        t_tr: list[tuple[float, float]] = []
+        t_bare: list[tuple[float, float]] = []
+        for r in range(args.rounds):  # who goes first alternates too
+            if r % 2 == 0:
+                t_tr.append(_timed(lambda: trainer.run_steps(stream), device))
+            t_bare.append(_timed(lambda: bare.run(stream), device))
+            if r % 2 == 1:
+                t_tr.append(_timed(lambda: trainer.run_steps(stream), device))
         if device.type == "cuda":
             few = stream[: min(10, len(stream))]
             print(f"host syncs per step (CUDA sync debug mode): dmlbench {_syncs_per_step(trainer.run_steps, few):.2f}"
                   f"  bare {_syncs_per_step(bare.run, few):.2f}")
-    med_tr, med_bare = statistics.median(t_tr), statistics.median(t_bare)
     print(f"{args.rounds} rounds x {args.steps} steps after {args.warmup + 1} warm-up steps")
-    print(f"time per step (median): dmlbench {med_tr * 1e3:.2f} ms  bare {med_bare * 1e3:.2f} ms"
-          f"  (per round: dmlbench {', '.join(f'{t * 1e3:.1f}' for t in t_tr)}; bare "
-          f"{', '.join(f'{t * 1e3:.1f}' for t in t_bare)})")
-    print(f"throughput: dmlbench {batch_size / med_tr:.1f} img/s  bare {batch_size / med_bare:.1f} img/s")
-    print(f"dmlbench / bare time per step = {med_tr / med_bare:.3f} (overhead {100 * (med_tr / med_bare - 1):+.1f} %)")
-    print(f"dmlbench / bare throughput = {100 * med_bare / med_tr:.1f} %")
+    per_step = {}
+    for i, clock in enumerate(("wall", "CPU")):
+        if clock == "CPU" and device.type == "cuda":
+            continue  # on a GPU the wall time is the figure; the CPU mostly waits
+        tr = [t[i] / args.steps for t in t_tr]
+        ba = [t[i] / args.steps for t in t_bare]
+        per_step[clock] = (statistics.median(tr), statistics.median(ba))
+        print(f"{clock} time per step (median): dmlbench {per_step[clock][0] * 1e3:.2f} ms  bare "
+              f"{per_step[clock][1] * 1e3:.2f} ms  (rounds: dmlbench {', '.join(f'{t * 1e3:.1f}' for t in tr)}; "
+              f"bare {', '.join(f'{t * 1e3:.1f}' for t in ba)})")
+    for clock, (tr_s, ba_s) in per_step.items():
+        print(f"{clock} time: dmlbench / bare per step = {tr_s / ba_s:.3f} (overhead {100 * (tr_s / ba_s - 1):+.1f} %); "
+              f"throughput dmlbench {batch_size / tr_s:.1f} img/s, bare {batch_size / ba_s:.1f} img/s, "
+              f"dmlbench / bare = {100 * ba_s / tr_s:.1f} %")
     return 0 if agree else 1
 
 

@@ -253,3 +253,19 @@ def test_torch_compile_option_trains_the_tiny_backbone(tiny_cfg: dict[str, Any],
     assert res.steps == 3 and 0.0 <= res.metrics["map_at_r"] <= 1.0
     plain = train(cfg.replace(torch_compile=False))
     assert res.history[-1]["loss"] == pytest.approx(plain.history[-1]["loss"], rel=1e-3)
+
+
+def test_batches_pin_through_their_own_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataLoader(pin_memory=True) pins a custom batch type only via its pin_memory() method."""
+    pinned: list[tuple[int, ...]] = []
+
+    def fake_pin(t: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # no CUDA here to really pin
+        pinned.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    batch = Batch([torch.zeros(4, 3, 8, 8, dtype=torch.uint8)], torch.arange(4), torch.arange(4))
+    out = batch.pin_memory()
+    assert isinstance(out, Batch) and pinned == [(4, 3, 8, 8), (4,)]
+    moved = out.to("cpu", torch.channels_last)
+    assert moved.images.dtype == torch.float32 and moved.images.is_contiguous(memory_format=torch.channels_last)

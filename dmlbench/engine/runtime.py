@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported by the functions that need it: loader_settings works without it
+    import torch
+    from torch import nn
 
 
 def loader_settings(cpus: float, cuda: bool) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def pin_memory_for(setting: bool | None, device: torch.device) -> bool:
     """The trial key ``pin_memory`` resolved: ``None`` pins exactly when training on CUDA.
 
     Example:
+        >>> import torch
         >>> pin_memory_for(None, torch.device("cpu")), pin_memory_for(True, torch.device("cpu"))
         (False, True)
     """
@@ -60,6 +62,8 @@ def pin_memory_for(setting: bool | None, device: torch.device) -> bool:
 
 def has_conv(model: nn.Module) -> bool:
     """Whether ``model`` holds a 2-D convolution (where ``channels_last`` can pay off)."""
+    from torch import nn
+
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
@@ -68,6 +72,8 @@ def use_channels_last(setting: bool | None, device: torch.device, model: nn.Modu
     CUDA (tensor cores want NHWC; bf16 ResNets gain 10–30 %), off on CPU and for transformers.
 
     Example:
+        >>> import torch
+        >>> from torch import nn
         >>> conv = nn.Sequential(nn.Conv2d(3, 4, 3))
         >>> use_channels_last(None, torch.device("cuda"), conv), use_channels_last(None, torch.device("cpu"), conv)
         (True, False)
@@ -84,6 +90,8 @@ def trial_runtime(threads: int | None, device: torch.device, deterministic: bool
     """Scoped process-wide settings of a trial: ``torch.set_num_threads(threads)`` (``None``: left
     as it is) and, on CUDA without deterministic mode, cuDNN autotuning (``cudnn.benchmark``: the
     fastest convolution algorithm for the fixed batch shape). Previous values are restored."""
+    import torch
+
     prev_threads = torch.get_num_threads()
     prev_bench = torch.backends.cudnn.benchmark
     if threads is not None:

@@ -54,6 +54,11 @@ class Batch:
     def images(self) -> Tensor:
         return self.views[0]
 
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked memory. A ``DataLoader`` with ``pin_memory=True`` pins custom batch
+        types only through this method, and only pinned batches copy asynchronously."""
+        return Batch([v.pin_memory() for v in self.views], self.labels.pin_memory(), self.indices)
+
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.preserve_format) -> Batch:
         """Move to ``device`` (asynchronously from pinned memory); uint8 images become float in
         [0, 1] there, in ``memory_format`` (e.g. ``torch.channels_last``), in the same pass."""
