@@ -6,8 +6,9 @@ pandas, scipy and the results modules are imported inside the commands (fast ``-
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -104,6 +105,30 @@ def _print_comparison(cmp: Comparison, *, wide: bool) -> None:
             )
 
 
+def _paper_rows(with_paper: bool) -> pd.DataFrame | None:
+    """The published rows for ``--with-paper``, else None."""
+    if not with_paper:
+        return None
+    from dmlbench.results.paper import paper_rows
+
+    return paper_rows()
+
+
+def _emit(fmt: str, subject: Any, warnings: list[str], writers: tuple[Any, ...], *, table: Callable[[], None]) -> None:
+    """Write ``subject`` in the ``--format`` asked for; ``writers`` = (json_obj, frame, markdown, latex)."""
+    json_obj, frame, markdown, latex = writers
+    if fmt == "json":
+        typer.echo(json.dumps(json_obj(subject, warnings), indent=2))
+    elif fmt == "csv":
+        typer.echo(frame(subject).to_csv(index=False), nl=False)
+    elif fmt == "markdown":
+        typer.echo(markdown(subject), nl=False)
+    elif fmt == "latex":
+        typer.echo(latex(subject), nl=False)
+    else:
+        table()
+
+
 @app.command(
     "leaderboard",
     epilog=(
@@ -149,38 +174,18 @@ def leaderboard_cmd(
         if sweep is not None or with_paper or phase != "all":
             raise ConfigError("--compare shows the final phase of two sweeps; drop --sweep, --phase and --with-paper.")
         cmp = lbm.compare(rows, compare[0], compare[1], sort=sort, datasets=dataset, methods=method)
-        if fmt == "json":
-            typer.echo(json.dumps(lbm.compare_json_obj(cmp, warnings), indent=2))
-        elif fmt == "csv":
-            typer.echo(lbm.compare_frame(cmp).to_csv(index=False), nl=False)
-        elif fmt == "markdown":
-            typer.echo(lbm.compare_markdown(cmp), nl=False)
-        elif fmt == "latex":
-            typer.echo(lbm.compare_latex(cmp), nl=False)
-        else:
-            _print_comparison(cmp, wide=wide)
+        compare_writers = (lbm.compare_json_obj, lbm.compare_frame, lbm.compare_markdown, lbm.compare_latex)
+        _emit(fmt, cmp, warnings, compare_writers, table=lambda: _print_comparison(cmp, wide=wide))
         return
-    paper = None
-    if with_paper:
-        from dmlbench.results.paper import paper_rows
-
-        paper = paper_rows()
+    paper = _paper_rows(with_paper)
     lb = lbm.build(rows, datasets=dataset, methods=method, sweeps=sweep, phase=phase, sort=sort, paper=paper)
     if lb.is_empty():
         raise DmlbenchError(
             f"no {'' if phase == 'all' else phase + '-phase '}rows to show under {str(results_dir)!r} for these filters; "
             "final tables need complete phase=final rows (run the sweep's final phase), search tables phase=search rows."
         )
-    if fmt == "json":
-        typer.echo(json.dumps(lbm.to_json_obj(lb, warnings), indent=2))
-    elif fmt == "csv":
-        typer.echo(lbm.to_frame(lb).to_csv(index=False), nl=False)
-    elif fmt == "markdown":
-        typer.echo(lbm.to_markdown(lb), nl=False)
-    elif fmt == "latex":
-        typer.echo(lbm.to_latex(lb), nl=False)
-    else:
-        _print_boards(lb, wide=wide)
+    writers = (lbm.to_json_obj, lbm.to_frame, lbm.to_markdown, lbm.to_latex)
+    _emit(fmt, lb, warnings, writers, table=lambda: _print_boards(lb, wide=wide))
 
 
 @app.command("report", epilog="Examples:\n\n  dmlbench report results/ --out report.html\n\n  dmlbench report results/ --out report.html --png plots/")
@@ -205,11 +210,7 @@ def report_cmd(
 
     sort = lbm.check_sort(sort or lbm.DEFAULT_SORT)
     rows, warnings = load_rows(results_dir)
-    paper = None
-    if with_paper:
-        from dmlbench.results.paper import paper_rows
-
-        paper = paper_rows()
+    paper = _paper_rows(with_paper)
     with console.status("rendering plots…"):
         files = write_report(
             rows, out, png_dir=png, sort=sort, paper=paper, warnings=warnings, source=str(results_dir)
