@@ -98,3 +98,19 @@ def test_scaled_standins_load_and_check(tmp_path: Path) -> None:
     before = marker.stat().st_mtime_ns
     assert build(tmp_path, scale=0.01, seed=0, workers=1) == manifest
     assert marker.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_rehearsal_data_part_runs_on_a_scaled_set(tmp_path: Path) -> None:
+    """bench/rehearsal.py --data-only: builds, checks and caches a 1 % set, then reuses all of it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "bench" / "rehearsal.py"), "--data-only", "--scale", "0.01",
+           "--standins", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c"), "--workers", "1"]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count(" found ") == 4 and "(already built: reused)" not in first.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert second.returncode == 0 and second.stdout.count("(already built: reused)") == 4, second.stdout
