@@ -39,6 +39,9 @@ def test_history_round_trip_keeps_last_report_per_epoch() -> None:
     ]
     text = fields.encode_history(reports, schema.METRIC_COLUMNS)
     assert fields.decode_history(text) == [{"epoch": 0, "map_at_r": 0.1}, {"epoch": 2, "map_at_r": 0.25}]
+    tune_reports = [{"trial_epoch": e, "map_at_r": 0.1 * e, "time_total_s": 3.0} for e in (1, 2)]
+    text = fields.encode_history(tune_reports, schema.METRIC_COLUMNS, epoch_key="trial_epoch")
+    assert fields.decode_history(text) == [{"epoch": 1, "map_at_r": 0.1}, {"epoch": 2, "map_at_r": 0.2}]
 
 
 def test_version_1_rows_are_read_with_null_new_columns(tmp_path: Path) -> None:

@@ -69,14 +69,17 @@ def config_digest(config: Any) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DIGEST_CHARS]
 
 
-def encode_history(reports: Iterable[Mapping[str, Any]], metrics: Iterable[str]) -> str:
+def encode_history(reports: Iterable[Mapping[str, Any]], metrics: Iterable[str], epoch_key: str = EPOCH) -> str:
     """JSON of a run's learning curve: one ``{"epoch": e, metric: value, ...}`` per validation.
 
     Args:
-        reports: the run's per-epoch reports in order, each with an ``"epoch"`` key; reports without
-            any of ``metrics`` (e.g. a loss-only report) are left out, and a later report of the same
-            epoch replaces an earlier one (a trial resumed from a checkpoint repeats epochs).
+        reports: the run's per-epoch reports in order, each with its epoch under ``epoch_key``;
+            reports without any of ``metrics`` (e.g. a loss-only report) are left out, and a later
+            report of the same epoch replaces an earlier one (a trial resumed from a checkpoint
+            repeats epochs).
         metrics: the metric names to keep (e.g. ``schema.METRIC_COLUMNS``); non-finite values are dropped.
+        epoch_key: the key of the epoch in ``reports`` (the Ray trainable reports ``trial_epoch``);
+            the history always stores it as ``"epoch"``.
 
     Example:
         >>> encode_history([{"epoch": 0, "map_at_r": 0.1, "loss": 3.0}, {"epoch": 1, "map_at_r": 0.2}],
@@ -86,11 +89,12 @@ def encode_history(reports: Iterable[Mapping[str, Any]], metrics: Iterable[str])
     keep = tuple(metrics)
     by_epoch: dict[int, dict[str, Any]] = {}
     for rep in reports:
-        if EPOCH not in rep or rep[EPOCH] is None:
+        epoch = rep.get(epoch_key)
+        if epoch is None or not _finite(epoch):
             continue
         vals = {m: float(rep[m]) for m in keep if _finite(rep.get(m))}
         if vals:
-            by_epoch[int(rep[EPOCH])] = {EPOCH: int(rep[EPOCH]), **vals}
+            by_epoch[int(epoch)] = {EPOCH: int(epoch), **vals}
     return json.dumps([by_epoch[e] for e in sorted(by_epoch)])
 
 
