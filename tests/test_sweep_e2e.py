@@ -1,13 +1,19 @@
 """End-to-end sweep through Ray Tune + Optuna with a fast fake train function (no engine needed).
 
-The fake ``train`` reports a validation metric that is a known function of the sampled parameter,
-so pruning, divergence and failure paths are deterministic. Ray runs locally with 2 CPUs.
+The fake ``train`` reports a validation metric that is a known function of the sampled parameter.
+In the search of cell ``fake_e2e`` it plants one outcome per trial, by the order the trials start
+(whatever the sampler proposes): the 1st diverges (NaN), the 2nd raises, the 3rd ("leader") trains
+normally and the 4th ("laggard") reports a worse epoch-1 score only after ASHA has recorded the
+leader's, so ASHA prunes it. Every start is logged, so a rerun that starts a trial again is seen.
+Ray runs locally with 2 CPUs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,23 +50,63 @@ def register_fake() -> None:
         M.register("fake_e2e_b")(FakeMethod)
 
 
-def fake_train(cfg: TrialConfig, report: Any) -> Any:
-    """val map_at_r = quality * epoch / epochs; mode=nan diverges, mode=boom fails."""
-    import os
+#: what the n-th trial to start in the search of cell fake_e2e does
+PLANTED = ("nan", "boom", "leader", "laggard")
 
+
+def _claim(folder: Path, trial_id: str) -> int:
+    """The start order of this trial in ``folder`` (0, 1, ...), claimed atomically across workers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        try:
+            fd = os.open(folder / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, trial_id.encode())
+        os.close(fd)
+        return i
+    raise RuntimeError("more than 1000 trials")
+
+
+def _wait_for(path: Path, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def fake_train(cfg: TrialConfig, report: Any) -> Any:
+    """val map_at_r = quality * epoch / epochs; in fake_e2e's search the outcome is PLANTED."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    log = Path(os.environ["E2E_LOG"])
+    with (log / "starts.log").open("a") as fh:
+        fh.write(f"{trial_id} {cfg.method} {cfg.phase}\n")
+    plan = "ok"
+    if cfg.method == "fake_e2e" and cfg.phase == "search":
+        plan = PLANTED[_claim(log / "plan", trial_id)]
     q = float(cfg.params["quality"])
     hist = []
     for epoch in range(1, cfg.epochs + 1):
-        if cfg.params["mode"] == "nan":
+        if plan == "nan":
             raise Diverged(step=epoch, value=float("nan"))
-        if cfg.params["mode"] == "boom":
+        if plan == "boom":
             raise RuntimeError("boom: synthetic failure")
         m = {"map_at_r": q * epoch / cfg.epochs, "loss": 1.0 - q}
+        if plan == "laggard" and epoch == 1:
+            # report below the leader only once ASHA holds the leader's epoch-1 score (a report
+            # returns after the driver has processed it), so the rung's cutoff prunes this trial
+            _wait_for(log / "leader-epoch-1")
+            m["map_at_r"] = 0.0
         ck = Path(cfg.output_dir or ".") / "checkpoints"
         ck.mkdir(parents=True, exist_ok=True)
         (ck / "last.pt").write_text(str(epoch))
         hist.append(m)
         report(epoch, m, str(ck))
+        if plan == "leader" and epoch == 1:
+            (log / "leader-epoch-1").touch()
     return SimpleNamespace(
         metrics={**hist[-1], "precision_at_1": q},
         test_metrics={"map_at_r": q / 2} if cfg.phase == "final" else None,
@@ -77,14 +123,16 @@ def fake_train(cfg: TrialConfig, report: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     import ray.cloudpickle as cp
 
     cp.register_pickle_by_value(sys.modules[__name__])
     register_fake()
+    log = tmp_path_factory.mktemp("e2e_log")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": register_fake})  # fmt: skip
-    yield
+             _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             runtime_env={"worker_process_setup_hook": register_fake, "env_vars": {"E2E_LOG": str(log)}})  # fmt: skip
+    yield log
     ray.shutdown()
     METHODS._entries.pop("fake_e2e", None)
     METHODS._entries.pop("fake_e2e_b", None)
@@ -104,7 +152,7 @@ def write_space(tmp: Path, method: str, modes: list[str]) -> Path:
 def spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "spaces"
     d.mkdir()
-    write_space(d, "fake_e2e", ["ok", "ok", "nan", "boom"])
+    write_space(d, "fake_e2e", ["ok"])
     write_space(d, "fake_e2e_b", ["ok"])
     monkeypatch.setattr("dmlbench.search_spaces.loader.SPACES_DIR", d)
     return d
@@ -120,7 +168,7 @@ def make_spec(out: Path, **kw: Any) -> SweepSpec:
     return SweepSpec(**base)
 
 
-def test_end_to_end_rows_statuses_final_and_resume(ray_local: None, spaces: Path, tmp_path: Path) -> None:
+def test_end_to_end_rows_statuses_final_and_resume(ray_local: Path, spaces: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     spec = make_spec(out)
     lines: list[str] = []
@@ -138,8 +186,14 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: None, spaces: Path
     search = df[df[schema.PHASE] == "search"]
     final = df[df[schema.PHASE] == "final"]
     assert len(search) == 8 and search[schema.ROW_ID].is_unique
-    assert set(search[schema.STATUS]) <= set(schema.STATUSES)
-    assert "complete" in set(search[schema.STATUS])
+    # each planted trial of fake_e2e ends with its exact status; fake_e2e_b's trials all train
+    planted = {(ray_local / "plan" / str(i)).read_text(): PLANTED[i] for i in range(len(PLANTED))}
+    expected = {"nan": "diverged", "boom": "failed", "leader": "complete", "laggard": "pruned"}
+    cell_a = search[search[schema.METHOD] == "fake_e2e"]
+    assert {r[schema.TRIAL_ID]: r[schema.STATUS] for _, r in cell_a.iterrows()} == {
+        t: expected[p] for t, p in planted.items()
+    }
+    assert set(search[search[schema.METHOD] == "fake_e2e_b"][schema.STATUS]) <= {"complete", "pruned"}
     # final: 2 seeds per cell with test metrics = quality / 2 of the best search trial
     assert len(final) == 4
     assert set(final[schema.EVAL_SPLIT]) == {"test"}
@@ -151,10 +205,10 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: None, spaces: Path
     for o in outcomes:
         rows = [r for r in o.rows.values() if r[schema.PHASE] == "final"]
         assert all(r[schema.MAP_AT_R] == pytest.approx(o.best_params["quality"] / 2) for r in rows)
-    # diverged / failed rows carry their reason; pruned rows exist only when ASHA stopped one early
-    bad = search[search[schema.STATUS].isin(["diverged", "failed"])]
-    for _, r in bad.iterrows():
-        assert ("diverged" in r[schema.ERROR]) or ("boom" in r[schema.ERROR])
+    # diverged / failed rows carry their reason; a pruned row stopped before the last epoch
+    by_plan = {p: cell_a[cell_a[schema.TRIAL_ID] == t].iloc[0] for t, p in planted.items()}
+    assert "diverged" in by_plan["nan"][schema.ERROR] and "boom: synthetic failure" in by_plan["boom"][schema.ERROR]
+    assert by_plan["laggard"][schema.EPOCHS] == 1 and by_plan["leader"][schema.EPOCHS] == 2
     for _, r in search[search[schema.STATUS] == "pruned"].iterrows():
         assert r[schema.EPOCHS] < 2
     # every row, pruned / failed ones too, names the fold manifest it used
@@ -172,11 +226,14 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: None, spaces: Path
     assert any("fake_e2e/digits/tiny" in x for x in lines)
 
     # rerun the same command: nothing reruns, no duplicate rows, same row ids
-    before = {p.name: p.stat().st_mtime_ns for p in (out / spec.sweep_id / "rows").iterdir()}
+    before = {p.name for p in (out / spec.sweep_id / "rows").iterdir()}
+    starts = (ray_local / "starts.log").read_text().splitlines()
+    assert len(starts) == 12 and len(set(starts)) == 12, "a trial started twice in the first run"
     sweep.run(spec, train_fn=fake_train, echo=lines.append)
+    assert (ray_local / "starts.log").read_text().splitlines() == starts, "the rerun started a trial again"
     df2, _ = store.read_rows(out)
     assert sorted(df2[schema.ROW_ID]) == sorted(df[schema.ROW_ID])
-    after = {p.name for p in (out / spec.sweep_id / "rows").iterdir()}
-    assert after == set(before)
+    assert {p.name for p in (out / spec.sweep_id / "rows").iterdir()} == before
     # trial ids identical: the restored experiments did not start new trials
     assert sorted(df2[schema.TRIAL_ID]) == sorted(df[schema.TRIAL_ID])
+    assert df2.set_index(schema.ROW_ID)[schema.STATUS].to_dict() == df.set_index(schema.ROW_ID)[schema.STATUS].to_dict()
