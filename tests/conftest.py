@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -35,3 +38,13 @@ TINY: dict[str, object] = {
 @pytest.fixture
 def tiny_cfg() -> dict[str, object]:
     return dict(TINY)
+
+
+@pytest.fixture(scope="module")
+def ray_tmpdir() -> Iterator[str]:
+    """A private, short folder for Ray's temp files: set it as ``RAY_TMPDIR`` of a subprocess that
+    starts Ray (or pass it as ``_temp_dir``), so no test follows or leaves /tmp/ray's pointer.
+    Short, because Ray's Unix socket paths live under it (about 107 characters at most)."""
+    path = tempfile.mkdtemp(prefix="dmlt-ray-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
