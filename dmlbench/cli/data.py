@@ -45,7 +45,7 @@ def check(
     ] = False,
     wide: Wide = False,
 ) -> None:
-    """Per dataset: found / missing / malformed, image and class counts, split hash.
+    """Per dataset: found / missing / malformed, image and class counts, split hash, and where it was found.
 
     Exits with status 2 if any requested dataset is unusable.
     """
