@@ -63,10 +63,10 @@ main() {
         part "c2. eval clustering" 240 "$PY" -u bench/gpu_eval_check.py --quick --no-retrieval
         part "d. shared-GPU sweep" 240 "$PY" -u bench/gpu_sweep_share.py --dry-run
     else
-        part "b. train throughput" 110 "$PY" -u bench/gpu_train_throughput.py
-        part "c1. eval retrieval" 80 "$PY" -u bench/gpu_eval_check.py --no-clustering
-        part "c2. eval clustering" 100 "$PY" -u bench/gpu_eval_check.py --no-retrieval
-        part "d. shared-GPU sweep" 150 "$PY" -u bench/gpu_sweep_share.py --output "${TMPDIR:-/tmp}/gpucheck-results-$$"
+        part "b. train throughput" 90 "$PY" -u bench/gpu_train_throughput.py
+        part "c1. eval retrieval" 60 "$PY" -u bench/gpu_eval_check.py --no-clustering
+        part "c2. eval clustering" 200 "$PY" -u bench/gpu_eval_check.py --no-retrieval
+        part "d. shared-GPU sweep" 120 "$PY" -u bench/gpu_sweep_share.py --output "${TMPDIR:-/tmp}/gpucheck-results-$$"
     fi
     echo
     echo "total $(( $(date +%s) - START )) s; failed parts: ${FAILED[*]:-none}"
