@@ -83,6 +83,9 @@ class TrialConfig(StrictModel):
     )
     embedding_dim: int = Field(default=128, gt=0)
     image_size: int = Field(default=224, ge=8)
+    crop_scale: tuple[float, float] | None = Field(
+        default=None, description="RandomResizedCrop area range of training images; None: (0.08, 1), embedded data (0.6, 1)"
+    )
     bn_policy: Literal["train", "frozen_stats", "frozen_all"] = "frozen_stats"
 
     # optimisation
@@ -170,6 +173,8 @@ class TrialConfig(StrictModel):
             raise ValueError(f"fold must be < num_folds={self.num_folds}, got {self.fold}")
         if self.phase == "search" and self.fold is None:
             raise ValueError("the search phase needs a validation fold (the test split is never read in search)")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}")
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones")
         if not self.val_clustering and self.early_stop_metric in ("nmi", "f1"):

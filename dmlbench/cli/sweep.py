@@ -20,15 +20,18 @@ def sweep(
     *,
     methods: Annotated[str, typer.Option(help="comma list of methods, or 'all'")],
     datasets: Annotated[str, typer.Option(help="comma list; 'all' = cub200,cars196,sop,inshop; 'embedded' = synthetic,digits")],
-    backbones: Annotated[str | None, typer.Option(help="comma list of backbones (timm names or 'tiny'); default resnet50")] = None,
+    backbones: Annotated[str | None, typer.Option(help="comma list of backbones (timm names, 'bninception', 'tiny'); default: the protocol's (mlrc: bninception; paper: each recipe's)")] = None,
+    protocol: Annotated[str | None, typer.Option(help="mlrc (default: fair search, fold models) or paper (each method's published recipe, no search); see docs/protocol.md")] = None,
+    embedding_dims: Annotated[str | None, typer.Option(help="comma list of embedding sizes, a sweep axis (default: mlrc 128; paper: every size a method's paper published)")] = None,
     trials: Annotated[int | None, typer.Option(help="search trials per cell (default 20)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="max epochs per trial (ASHA budget, default 30)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="cap on every recipe's epochs (default: none, each recipe its own); recorded as budget_capped")] = None,
     gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial; fractions share a GPU (default: 1 on a cluster with GPUs, else 0)")] = None,
     cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs per trial; data-loader workers and threads follow it (default 1; 4-8 for a GPU trial)")] = None,
     allow_cpu: Annotated[bool, typer.Option("--allow-cpu", help="let trials on the benchmark datasets train on CPU (refused otherwise)")] = False,
     max_concurrent: Annotated[int | None, typer.Option(help="max trials running at once per cell (default: as resources allow)")] = None,
     search_space: Annotated[Path | None, typer.Option(help="YAML replacing the search space of the method it names")] = None,
     folds: Annotated[int | None, typer.Option(help="class-disjoint validation folds of the train classes (default 4)")] = None,
+    search_folds: Annotated[int | None, typer.Option(help="fold models per search trial, scored by their mean (default: all folds; 1 = a hold-out, labelled holdout)")] = None,
     final_seeds: Annotated[int | None, typer.Option(help="seeds of the final retraining of each cell's best params (default 3)")] = None,
     seed: Annotated[int | None, typer.Option(help="sweep seed (samplers, splits, final seeds)")] = None,
     name: Annotated[str | None, typer.Option(help="sweep name (default sweep-<spec hash>)")] = None,
@@ -37,25 +40,34 @@ def sweep(
     storage: Annotated[str | None, typer.Option(help="shared storage for multi-node: a path all nodes see, s3://..., gs://...")] = None,
     data_root: Annotated[Path | None, typer.Option(help="benchmark datasets root (default $DMLBENCH_DATA)")] = None,
     metric: Annotated[str | None, typer.Option(help="validation metric to maximise (default map_at_r)")] = None,
-    grace_period: Annotated[int | None, typer.Option(help="ASHA: epochs before a trial can be pruned (default 1)")] = None,
+    grace_period: Annotated[int | None, typer.Option(help="ASHA: epochs before a trial can be pruned (default: what each method's recipe needs; a larger value wins)")] = None,
+    reproducible: Annotated[bool, typer.Option("--reproducible", help="one search trial at a time per cell and deterministic kernels: the same command and seed give the same leaderboard on the same hardware")] = False,
     dashboard_host: Annotated[str | None, typer.Option(help="bind the local Ray dashboard here (default: no dashboard, localhost)")] = None,
     preset: Annotated[str | None, typer.Option(help="'smoke': tiny backbone and images, few epochs, for CPU")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="resume a sweep (the newest one under --output without --name)")] = False,
     force: Annotated[bool, typer.Option("--force", help="continue a sweep whose spec changed")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print cells, trial counts and cost; start nothing")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print cells, trial counts and cost; start nothing (works without the datasets)")] = False,
+    plan_format: Annotated[str, typer.Option("--format", help="with --dry-run: text or json (every cell's fully resolved trial config)")] = "text",
 ) -> None:
     """Sweep methods × datasets × backbones with Ray Tune + Optuna; rows go to OUTPUT/<sweep>/rows/."""
     from dmlbench.orchestrator import sweep as sw
 
+    dims = None
+    if embedding_dims is not None:
+        try:
+            dims = tuple(int(x) for x in embedding_dims.split(",") if x.strip())
+        except ValueError:
+            raise typer.BadParameter(f"--embedding-dims takes a comma list of integers, got {embedding_dims!r}") from None
     spec = sw.build_spec(
         methods=methods, datasets=datasets, preset=preset, backbones=backbones, trials=trials, epochs=epochs,
+        protocol=protocol, embedding_dims=dims, search_folds=search_folds, reproducible=reproducible or None,
         gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
         search_space=search_space, folds=folds, final_seeds=final_seeds, seed=seed, name=name, output=output,
         address=address, storage=storage, data_root=data_root, metric=metric, grace_period=grace_period,
         dashboard_host=dashboard_host, allow_cpu=allow_cpu or None,
     )  # fmt: skip
     try:
-        sw.run(spec, resume=resume, force=force, dry_run=dry_run, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
+        sw.run(spec, resume=resume, force=force, dry_run=dry_run, plan_format=plan_format, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
     except SweepInterrupted as err:
         raise SweepInterrupted(f"{err}\n  {_command_line()}") from None
 

@@ -471,7 +471,8 @@ class Trainer:
         self.ckpt_dir = out_dir / "checkpoints" if out_dir else None
         embedded = data.source.embedded
         self.train_ds = ImageDataset(
-            data.table, data.split.train, build_transform(cfg.image_size, train=True, embedded=embedded),
+            data.table, data.split.train,
+            build_transform(cfg.image_size, train=True, embedded=embedded, crop_scale=cfg.crop_scale),
             data.label_map, n_views=method.n_views,
         )
         batch_size = cfg.classes_per_batch * cfg.samples_per_class

@@ -154,6 +154,30 @@ class Method(nn.Module):
         sentence. Default: nothing to check."""
 
     @classmethod
+    def published_dims(cls, dataset: str) -> tuple[int, ...]:
+        """Embedding sizes this method's paper (or reference scripts) published results for on
+        ``dataset``; the ``paper`` protocol runs each of them unless ``--embedding-dims`` says
+        otherwise. Default: none (the method has no paper recipe in dmlbench)."""
+        return ()
+
+    @classmethod
+    def recipe(cls, dataset: str, dim: int, embedded: bool) -> Recipe | None:
+        """The published training recipe for ``dataset`` at embedding size ``dim`` (the ``paper``
+        protocol), or None when this method has none. A recipe for a dataset or size the paper did
+        not publish is returned with ``extrapolated`` saying what it was derived from."""
+        return None
+
+    @classmethod
+    def grace_epochs(cls, cfg: TrialConfig) -> int:
+        """Epochs (validation rounds) a trial of ``cfg`` needs before its validation score means
+        anything, e.g. its first LR milestone; ASHA never prunes earlier. Default: 1."""
+        return 1
+
+    #: method params that switch the method's own LR schedule off (the ``mlrc`` protocol trains
+    #: every method with one common constant LR); they are then not searched either
+    own_schedule_off: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
     def recommended(cls, dataset: str, embedded: bool) -> dict[str, Any]:
         """Overrides of trial keys (and ``"params"``) this method recommends for a dataset; applied
         by ``dmlbench train``/``sweep`` after the dataset's preset and before the user's values.
@@ -230,6 +254,30 @@ class Method(nn.Module):
 
     def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's published recipe for one dataset and embedding size (the ``paper`` protocol).
+
+    Attributes:
+        settings: TrialConfig keys (and ``"params"``, the method's hyper-parameters).
+        source: where the values come from (paper table, reference script and line).
+        selection: how the paper itself selected the checkpoint it reported (e.g. "best test-set
+            R@1 epoch"); rows of the ``paper`` protocol carry it, because ours are scored once at
+            the recipe's last epoch.
+        extrapolated: None when the paper published this setting; otherwise what it was derived
+            from (e.g. "SOP recipe; DiVA has no In-Shop setting").
+        fold_models: the paper itself trained class-disjoint fold models selected on their held-out
+            fold (the MLRC protocol, e.g. CCP): the ``paper`` protocol then does the same (per seed
+            all fold models, "separate" and "concatenated" rows) instead of one full-train run.
+    """
+
+    settings: dict[str, Any]
+    source: str
+    selection: str
+    extrapolated: str | None = None
+    fold_models: bool = False
 
 
 def layer_params(method: type[Method], base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

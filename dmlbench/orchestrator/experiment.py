@@ -22,7 +22,14 @@ from ray import tune
 
 from dmlbench.errors import DmlbenchError, SweepInterrupted
 from dmlbench.orchestrator import cluster, interrupts
-from dmlbench.orchestrator.planning import cell_base, cell_seed, cell_space, final_seeds
+from dmlbench.orchestrator.planning import (
+    cell_base,
+    cell_seed,
+    cell_settings,
+    cell_space,
+    final_seeds,
+    search_concurrency,
+)
 from dmlbench.orchestrator.rows import build_row, sampled_params
 from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name
 from dmlbench.orchestrator.sweepdir import sweep_dir, write_progress
@@ -217,10 +224,12 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
     def make() -> Any:
         search: Any = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
                                    sampler=sampler(spec, cell), study_name=sink.experiment)  # fmt: skip
-        if spec.max_concurrent:
-            search = ConcurrencyLimiter(search, max_concurrent=spec.max_concurrent)
-        asha = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=spec.epochs,
-                             grace_period=spec.grace_period, reduction_factor=spec.reduction_factor)  # fmt: skip
+        limit = search_concurrency(spec)
+        if limit:
+            search = ConcurrencyLimiter(search, max_concurrent=limit)
+        st = cell_settings(spec, cell)
+        asha = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=st.epochs,
+                             grace_period=st.grace, reduction_factor=spec.reduction_factor)  # fmt: skip
         return tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=spec.trials, reuse_actors=True),

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 from typing import Any
 
+from dmlbench.orchestrator.planning import cell_settings, protocol_label
 from dmlbench.orchestrator.spec import Cell, SweepSpec
 from dmlbench.orchestrator.trainable import (
     BEST_KEY,
@@ -63,8 +64,10 @@ def build_row(
     seed: int,
     fold: int | None,
     base: dict[str, Any],
+    concatenated: bool = False,
 ) -> dict[str, Any]:
-    """One schema row for a terminal trial."""
+    """One schema row for a terminal trial (``concatenated``: the row of a final seed's
+    concatenated fold-model embedding)."""
     status = classify(last, errored=error is not None)
     summary: dict[str, Any] = json.loads(last.get(SUMMARY_KEY) or "{}")
     best: dict[str, float] = json.loads(last.get(BEST_KEY) or "{}")
@@ -91,6 +94,7 @@ def build_row(
     if wall is not None:
         gpu_hours = float(wall) / 3600.0 * gpus
     err = error or (str(last.get(ERROR_KEY)) if last.get(ERROR_KEY) else None)
+    settings = cell_settings(spec, cell)
     row: dict[str, Any] = {
         schema.ROW_ID: row_id(spec, cell, phase, trial_id),
         schema.SWEEP_ID: spec.sweep_id,
@@ -105,7 +109,7 @@ def build_row(
         schema.EMBEDDING_DIM: base.get("embedding_dim"),
         schema.IMAGE_SIZE: base.get("image_size"),
         schema.BN_POLICY: base.get("bn_policy"),
-        schema.PROTOCOL: f"cv{spec.folds}-val-select",
+        schema.PROTOCOL: protocol_label(spec, concatenated),
         schema.SPLIT_HASH: summary.get("split_hash") or last.get(SPLIT_HASH_KEY) or None,
         schema.FOLD: fold,
         schema.SEED: seed,
@@ -115,6 +119,10 @@ def build_row(
         schema.ERROR: err,
         schema.PARAMS_JSON: json.dumps(params, sort_keys=True),
         schema.CONFIG_JSON: config_json,
+        schema.BUDGET_CAPPED: settings.budget_capped,
+        schema.RECIPE_SOURCE: settings.recipe_source,
+        schema.PAPER_SELECTION: settings.paper_selection,
+        schema.EXTRAPOLATED: settings.extrapolated,
         schema.METRICS_JSON: json.dumps(metrics, sort_keys=True),
         schema.EPOCHS: epochs,
         schema.BEST_EPOCH: int(best_epoch) if best_epoch is not None else None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dmlbench.orchestrator.experiment import CellOutcome, run_final, run_search
+from dmlbench.orchestrator.planning import cell_settings
 from dmlbench.orchestrator.spec import SweepSpec
 from dmlbench.orchestrator.trainable import TrainFn
 
@@ -21,8 +22,13 @@ def run_cells(spec: SweepSpec, train_fn: TrainFn | None, echo: Printer) -> list[
     cells = spec.cells()
     outcomes: list[CellOutcome] = []
     for i, cell in enumerate(cells, 1):
-        echo(f"[{i}/{len(cells)}] search {cell.key} ({spec.trials} trials)")
         out = CellOutcome(cell)
+        if not cell_settings(spec, cell).searched:  # the paper protocol: the recipe, no search
+            echo(f"[{i}/{len(cells)}] {cell.key}: recipe, {spec.final_seeds} seed(s)")
+            run_final(spec, cell, {}, train_fn, out)
+            outcomes.append(out)
+            continue
+        echo(f"[{i}/{len(cells)}] search {cell.key} ({spec.trials} trials)")
         run_search(spec, cell, train_fn, out)
         if spec.final_seeds:
             if out.best_params is None:

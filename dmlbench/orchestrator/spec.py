@@ -29,18 +29,44 @@ BENCHMARKS = ("cub200", "cars196", "sop", "inshop")
 METRIC_MODES = {"map_at_r": "max", "r_precision": "max", "precision_at_1": "max", "nmi": "max", "f1": "max"}
 
 
+Protocol = Literal["mlrc", "paper"]
+PROTOCOLS: tuple[str, ...] = ("mlrc", "paper")
+
+
 class SweepSpec(BaseModel):
-    """One sweep: methods × datasets × backbones, each cell searched with ``trials`` trials."""
+    """One sweep: methods × datasets × backbones × embedding sizes under one named protocol.
+
+    ``protocol`` (docs/protocol.md): ``mlrc`` searches each cell (a trial trains ``search_folds``
+    fold models and scores their mean validation metric) and retrains the best params per seed as
+    all ``folds`` fold models; ``paper`` runs each method's published recipe, no search.
+    ``epochs`` is a cap on every recipe's own epochs (recorded as ``budget_capped`` in the rows);
+    ``None`` leaves each recipe its own budget.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     methods: tuple[str, ...] = Field(min_length=1)
     datasets: tuple[str, ...] = Field(min_length=1)
-    backbones: tuple[str, ...] = Field(default=("resnet50",), min_length=1)
+    backbones: tuple[str, ...] | None = Field(
+        default=None, min_length=1,
+        description="None: the protocol's backbone (mlrc: BN-Inception; paper: each recipe's; embedded data: tiny)",
+    )
+    protocol: Protocol = "mlrc"
+    embedding_dims: tuple[int, ...] | None = Field(
+        default=None, min_length=1,
+        description="sweep axis; None: mlrc's common size, or every size a method's paper published",
+    )
     trials: int = Field(default=20, ge=1, description="search trials per cell")
-    epochs: int = Field(default=30, ge=1, description="max epochs per trial (ASHA max_t)")
-    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs before a trial can be pruned")
+    epochs: int | None = Field(default=None, ge=1, description="cap on every recipe's epochs (None: no cap)")
+    grace_period: int | None = Field(
+        default=None, ge=1, description="ASHA grace in epochs; None: what each method's recipe needs (at least)"
+    )
     reduction_factor: int = Field(default=2, ge=2, description="ASHA reduction factor")
+    reproducible: bool = Field(
+        default=False,
+        description="each cell runs its search trials one at a time (ASHA decides in trial order, TPE sees every "
+        "earlier trial) with deterministic kernels: the same command and seed give the same rows on the same hardware",
+    )
     metric: str = Field(default="map_at_r", description="validation metric the search maximises")
     gpus_per_trial: float | None = Field(
         default=None, ge=0, description="GPUs per trial (fractions share one); None: 1 on a cluster with GPUs, else 0"
@@ -50,6 +76,9 @@ class SweepSpec(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1)
     search_space: str | None = Field(default=None, description="YAML overriding its method's space")
     folds: int = Field(default=4, ge=2)
+    search_folds: int | None = Field(
+        default=None, ge=1, description="fold models per search trial (None: all folds; 1: a hold-out, labelled so)"
+    )
     final_seeds: int = Field(default=3, ge=0)
     seed: int = 0
     name: str | None = None
@@ -69,7 +98,9 @@ class SweepSpec(BaseModel):
 
     @field_validator("methods", "datasets", "backbones")
     @classmethod
-    def _no_duplicates(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _no_duplicates(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
         dup = sorted({x for x in v if v.count(x) > 1})
         if dup:
             raise ValueError(f"listed twice: {', '.join(dup)}")
@@ -96,9 +127,21 @@ class SweepSpec(BaseModel):
         unknown = sorted(set(self.trial_base) - set(TrialConfig.model_fields))
         if unknown:
             raise ValueError(f"trial_base has unknown trial settings: {', '.join(unknown)}")
-        if self.grace_period > self.epochs:
+        if self.grace_period is not None and self.epochs is not None and self.grace_period > self.epochs:
             raise ValueError(f"grace_period ({self.grace_period}) must not exceed epochs ({self.epochs})")
+        if self.search_folds is not None and self.search_folds > self.folds:
+            raise ValueError(f"search_folds ({self.search_folds}) must not exceed folds ({self.folds})")
+        if self.embedding_dims is not None:
+            if any(d < 1 for d in self.embedding_dims):
+                raise ValueError(f"embedding sizes must be positive, got {list(self.embedding_dims)}")
+            if len(set(self.embedding_dims)) != len(self.embedding_dims):
+                raise ValueError(f"embedding size listed twice in {list(self.embedding_dims)}")
         return self
+
+    @property
+    def n_search_folds(self) -> int:
+        """Fold models per search trial."""
+        return self.search_folds or self.folds
 
     # ---- identity ---------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -143,8 +186,29 @@ class SweepSpec(BaseModel):
         return METRIC_MODES[self.metric]
 
     def cells(self) -> list[Cell]:
-        """Every (method, dataset, backbone) combination, in a deterministic order."""
-        return [Cell(m, d, b) for m in self.methods for d in self.datasets for b in self.backbones]
+        """Every (method, dataset, backbone, embedding size) cell, in a deterministic order.
+
+        Without ``backbones``, each cell gets its protocol's backbone (:func:`default_backbone`);
+        without ``embedding_dims``, the ``paper`` protocol has one cell per size the method's paper
+        published (``Method.published_dims``) and ``mlrc`` one cell at its common size (dim None,
+        resolved by the planner).
+        """
+        out: list[Cell] = []
+        for m in self.methods:
+            for d in self.datasets:
+                for b in self.backbones or (default_backbone(self.protocol, m, d),):
+                    for dim in self._dims(m, d):
+                        out.append(Cell(m, d, b, dim))
+        return out
+
+    def _dims(self, method: str, dataset: str) -> tuple[int | None, ...]:
+        if self.embedding_dims is not None:
+            return self.embedding_dims
+        if self.protocol == "paper" and not _embedded(dataset):
+            from dmlbench.methods import METHODS
+
+            return METHODS.get(method).published_dims(dataset) or (None,)
+        return (None,)
 
     def diff(self, other: SweepSpec) -> list[str]:
         """Human-readable differences of the identity fields (``other`` is the old spec)."""
@@ -152,30 +216,67 @@ class SweepSpec(BaseModel):
         return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(new) | set(old)) if new.get(k) != old.get(k)]
 
 
+def _embedded(dataset: str) -> bool:
+    from dmlbench.datasets import DATASETS
+
+    return bool(getattr(DATASETS.get(dataset), "embedded", False))
+
+
+#: the MLRC protocol's common backbone (Musgrave et al. 2020; CCP's tables, spec ccp.md §2)
+MLRC_BACKBONE = "bninception"
+
+
+def default_backbone(protocol: str, method: str, dataset: str) -> str:
+    """A cell's backbone when the sweep names none: the embedded datasets' preset backbone
+    (``tiny``); else ``mlrc``: BN-Inception; ``paper``: the method's recipe (ResNet-50 for
+    methods without one)."""
+    from dmlbench.datasets import DATASETS
+
+    ds = DATASETS.get(dataset)
+    if getattr(ds, "embedded", False):
+        return str(dict(getattr(ds, "preset", {}) or {}).get("backbone", "tiny"))
+    if protocol == "mlrc":
+        return MLRC_BACKBONE
+    from dmlbench.methods import METHODS
+
+    cls = METHODS.get(method)
+    dims = cls.published_dims(dataset)
+    recipe = cls.recipe(dataset, dims[0], False) if dims else None
+    return str(recipe.settings.get("backbone", "resnet50")) if recipe is not None else "resnet50"
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One (method, dataset, backbone) cell of the sweep matrix."""
+    """One (method, dataset, backbone[, embedding size]) cell of the sweep matrix.
+
+    ``dim`` is None when the sweep has no embedding-size axis for this cell (the protocol's single
+    size); the key then stays ``method/dataset/backbone``.
+    """
 
     method: str
     dataset: str
     backbone: str
+    dim: int | None = None
 
     @property
     def key(self) -> str:
-        """Schema ``cell`` value, e.g. ``ccp/digits/tiny``."""
-        return f"{self.method}/{self.dataset}/{self.backbone}"
+        """Schema ``cell`` value, e.g. ``ccp/digits/tiny`` or ``nivmf/cub200/resnet50.tv_in1k/d512``."""
+        base = f"{self.method}/{self.dataset}/{self.backbone}"
+        return base if self.dim is None else f"{base}/d{self.dim}"
 
     @property
     def slug(self) -> str:
-        """File-name-safe key, e.g. ``ccp-digits-tiny``."""
-        return "-".join(x.replace("/", "_").replace(".", "_") for x in (self.method, self.dataset, self.backbone))
+        """File-name-safe key, e.g. ``ccp-digits-tiny`` or ``nivmf-cub200-resnet50_tv_in1k-d512``."""
+        parts = [self.method, self.dataset, self.backbone] + ([f"d{self.dim}"] if self.dim is not None else [])
+        return "-".join(x.replace("/", "_").replace(".", "_") for x in parts)
 
 
 def experiment_name(spec: SweepSpec, cell: Cell, phase: str = "search") -> str:
     """Deterministic Tune experiment / Optuna study name of a cell.
 
     The spec hash is part of it, so a sweep continued with ``--force`` under a changed spec
-    starts new experiments while keeping the rows already written.
+    starts new experiments while keeping the rows already written. The protocol is part of the
+    spec hash; the embedding size is part of the cell's slug.
     """
     suffix = "" if phase == "search" else f"-{phase}"
     return f"{spec.sweep_id}-{cell.slug}-{spec.spec_hash(6)}{suffix}"

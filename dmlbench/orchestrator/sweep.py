@@ -12,6 +12,7 @@ Ray is imported only once a sweep really starts (not for ``--dry-run`` or valida
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dmlbench.errors import SweepIncomplete, SweepInterrupted
+from dmlbench.errors import ConfigError, SweepIncomplete, SweepInterrupted
 from dmlbench.orchestrator import cluster
-from dmlbench.orchestrator.planning import build_spec, format_plan, plan, validate
+from dmlbench.orchestrator.planning import build_spec, format_plan, plan, plan_json, validate
 from dmlbench.orchestrator.spec import SweepSpec
 from dmlbench.orchestrator.sweepdir import check_resume, sweep_dir, write_spec
 from dmlbench.orchestrator.trainable import TrainFn
@@ -68,6 +69,7 @@ def run(
     resume: bool = False,
     force: bool = False,
     dry_run: bool = False,
+    plan_format: str = "text",
     train_fn: TrainFn | None = None,
     echo: Printer = print,
     num_cpus: int | None = None,
@@ -75,12 +77,20 @@ def run(
     """Run (or with ``dry_run`` only print) a sweep; returns what each cell produced.
 
     Raises :class:`SweepInterrupted` after Ctrl-C and :class:`SweepIncomplete` when some cell
-    produced no complete trial (after the leaderboard and the summary are written).
+    produced no complete trial (after the leaderboard and the summary are written). A dry run needs
+    no dataset: it names the missing ones and prints the plan anyway, as text or
+    (``plan_format="json"``) as one JSON object (:func:`planning.plan_json`).
     """
+    if plan_format not in ("text", "json"):
+        raise ConfigError(f"unknown plan format {plan_format!r}; use text or json.")
     cluster.join_address(spec)  # a ray:// or dashboard URL is refused before anything else
-    validate(spec)
+    missing = validate(spec, need_data=not dry_run)
     spec = check_resume(spec, resume, force)
-    echo(format_plan(spec, plan(spec)))
+    the_plan = plan(spec, missing)
+    if dry_run and plan_format == "json":
+        echo(json.dumps(plan_json(spec, the_plan), indent=2, sort_keys=False))
+        return []
+    echo(format_plan(spec, the_plan))
     if dry_run:
         echo("dry run: nothing started.")
         return []

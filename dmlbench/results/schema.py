@@ -5,7 +5,9 @@ One row = one trial (search or final phase) or one published number (``source=pa
 upgrade older rows with :func:`upgrade` or say which version they need.
 
 Versions: 1 the first; 2 added ``config_digest`` and ``history_json`` (NULL in upgraded v1 rows;
-readers derive the digest from ``config_json`` with :func:`dmlbench.results.fields.config_digest`).
+readers derive the digest from ``config_json`` with :func:`dmlbench.results.fields.config_digest`);
+3 added ``budget_capped``, ``recipe_source``, ``paper_selection`` and ``extrapolated`` (issue 17:
+protocols and recipes; NULL in upgraded rows).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # ---- identity ----------------------------------------------------------------------------
 ROW_ID = "row_id"  # unique: <sweep_id>-<cell>-<trial key>
@@ -31,7 +33,7 @@ PRETRAINED = "pretrained"  # weights id ("timm:resnet50.a1_in1k", a file sha, "n
 EMBEDDING_DIM = "embedding_dim"
 IMAGE_SIZE = "image_size"
 BN_POLICY = "bn_policy"
-PROTOCOL = "protocol"  # e.g. "cv4-val-select"; paper rows "test-select"
+PROTOCOL = "protocol"  # ours: "mlrc", "holdout", "paper", "<...>-concat<k>"; paper rows e.g. "test-select"
 SPLIT_HASH = "split_hash"
 FOLD = "fold"
 SEED = "seed"
@@ -42,6 +44,10 @@ ERROR = "error"
 PARAMS_JSON = "params_json"
 CONFIG_JSON = "config_json"
 CONFIG_DIGEST = "config_digest"  # digest of config_json without per-run keys (seed, fold, paths)
+BUDGET_CAPPED = "budget_capped"  # the sweep's --epochs cut the recipe's own epochs
+RECIPE_SOURCE = "recipe_source"  # where the trial's settings come from (paper table, script, protocol)
+PAPER_SELECTION = "paper_selection"  # paper protocol: how the paper itself selected what it reported
+EXTRAPOLATED = "extrapolated"  # why the recipe is not the paper's own setting (NULL: it is)
 # ---- outcome -----------------------------------------------------------------------------
 MAP_AT_R = "map_at_r"
 R_PRECISION = "r_precision"
@@ -96,6 +102,10 @@ SCHEMA = pa.schema(
         pa.field(PARAMS_JSON, pa.string()),
         pa.field(CONFIG_JSON, pa.string()),
         pa.field(CONFIG_DIGEST, pa.string()),
+        pa.field(BUDGET_CAPPED, pa.bool_()),
+        pa.field(RECIPE_SOURCE, pa.string()),
+        pa.field(PAPER_SELECTION, pa.string()),
+        pa.field(EXTRAPOLATED, pa.string()),
         *[pa.field(m, pa.float64()) for m in METRIC_COLUMNS],
         pa.field(METRICS_JSON, pa.string()),
         pa.field(HISTORY_JSON, pa.string()),
@@ -114,7 +124,10 @@ SCHEMA = pa.schema(
 )
 COLUMNS = tuple(SCHEMA.names)
 #: columns added per version: an older row gets them as NULL when read (:func:`upgrade`)
-ADDED_IN: dict[int, tuple[str, ...]] = {2: (CONFIG_DIGEST, HISTORY_JSON)}
+ADDED_IN: dict[int, tuple[str, ...]] = {
+    2: (CONFIG_DIGEST, HISTORY_JSON),
+    3: (BUDGET_CAPPED, RECIPE_SOURCE, PAPER_SELECTION, EXTRAPOLATED),
+}
 
 
 class SchemaError(ValueError):

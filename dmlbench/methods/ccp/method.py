@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dmlbench.errors import ConfigError, DmlbenchError
-from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams, TrainContext
+from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams, Recipe, TrainContext
 from dmlbench.methods.ccp.functional import (
     StageController,
     ccp_loss,
@@ -148,14 +148,15 @@ class CCP(Method):
 
     @classmethod
     def recommended(cls, dataset: str, embedded: bool) -> dict[str, Any]:
-        """The reference recipe (spec §2–3) for the benchmarks; short stages for embedded data.
+        """The reference recipe (spec §2-3) for the benchmarks; short stages for embedded data.
 
-        Benchmarks: Adam lr 1e-5, eps 1e-7, coupled decay 1e-4, clip-norm 10 then clip-value 10,
-        frozen BN, 128-d, 8 classes × 4 images, early stopping after 60 rounds (min delta 1e-5),
-        up to 10000 rounds; P/b = 8/12 with 25-step rounds (CUB, Cars196) or 4/7 with 250-step rounds
-        (SOP, In-shop). The backbone (BN-Inception at 227 px in the paper) is left to the user.
-        Embedded data (tiny CNN from scratch): the dataset preset's optimiser settings, P = 2,
-        b = 3 (pool_ratio 1.5), 10-step rounds and stage patience 2 so stages change within a one-minute run.
+        Benchmarks: BN-Inception (ImageNet, all BN frozen) at 227 px with RandomResizedCrop scale
+        (0.16, 1), Adam lr 1e-5, eps 1e-7, coupled decay 1e-4, clip-norm 10 then clip-value 10,
+        128-d, 8 classes x 4 images, early stopping after 60 rounds (min delta 1e-5), up to 10000
+        rounds; P/b = 8/12 with 25-step rounds (CUB, Cars196) or 4/7 with 250-step rounds (SOP,
+        In-shop). Embedded data (tiny CNN from scratch): the dataset preset's optimiser settings,
+        P = 2, b = 3 (pool_ratio 1.5), 10-step rounds and stage patience 2 so stages change within
+        a one-minute run.
         """
         clip = {"grad_clip_norm": 10.0, "grad_clip_value": 10.0, "adam_eps": 1e-7}
         if embedded:
@@ -168,15 +169,20 @@ class CCP(Method):
                     "stage_patience": 2,
                 },
             }
+        large = dataset in ("sop", "inshop")
         params: dict[str, Any] = (
             # pool sizes as ratios (b = round(ratio * P): 7 and 12) so the search space's
             # pool_ratio can replace them
             {"proxies_per_class": 4, "pool_ratio": 1.75, "iters_per_epoch": 250}
-            if dataset in ("sop", "inshop")
+            if large
             else {"proxies_per_class": 8, "pool_ratio": 1.5, "iters_per_epoch": 25}
         )
         return {
             **clip,
+            "backbone": "bninception",
+            "pretrained": True,
+            "image_size": 227,
+            "crop_scale": [0.16, 1.0],
             "optimizer": "adam",
             "lr": 1e-5,
             "weight_decay": 1e-4,
@@ -185,12 +191,43 @@ class CCP(Method):
             "embedding_dim": 128,
             "classes_per_batch": 8,
             "samples_per_class": 4,
+            "iters_per_epoch": params["iters_per_epoch"],
             "epochs": 10000,
             "early_stop_metric": "map_at_r",
             "early_stop_patience": 60,
             "early_stop_min_delta": 1e-5,
             "params": params,
         }
+
+    @classmethod
+    def published_dims(cls, dataset: str) -> tuple[int, ...]:
+        """128 per fold model; the tables' 512 is the concatenation of the 4 fold models (a row of
+        its own in the final phase), not a model trained at 512."""
+        return (128,)
+
+    @classmethod
+    def recipe(cls, dataset: str, dim: int, embedded: bool) -> Recipe | None:
+        """The reference's MLRC recipe (spec §2-3): the paper trained 4 class-disjoint fold models,
+        each early-stopped on its held-out fold, so ``fold_models`` is set."""
+        settings = cls.recommended(dataset, embedded)
+        settings["embedding_dim"] = dim
+        notes = []
+        if embedded:
+            notes.append("no paper recipe for embedded data: the small-data settings")
+        if dim != 128:
+            notes.append(f"the paper's fold models are 128-d; {dim}-d fold models")
+        source = ("yetigurbuz/ccp-dml@204b22c configs dml_small/dml_large + supplement Tables 1-3 (spec ccp.md §2-3)"
+                  if not embedded else "dmlbench small-data settings")
+        selection = ("validation: 4 class-disjoint fold models, each early-stopped on its held-out fold's MAP@R "
+                     "(MLRC); 128D = mean over the fold models, 512D = their concatenated embedding")
+        return Recipe(settings, source, selection, "; ".join(notes) or None, fold_models=True)
+
+    @classmethod
+    def grace_epochs(cls, cfg: TrialConfig) -> int:
+        """Three stages' worth of rounds, ``3 x (stage_min_epochs + stage_patience)``: a stage cannot
+        end earlier, and CCP's gains arrive after projections (spec §3.3)."""
+        hp = CCPParams.model_validate(cfg.params)
+        return 3 * (max(hp.stage_min_epochs, 1) + hp.stage_patience)
 
     # ---- hooks ----------------------------------------------------------------------------
     def on_after_backward(self, ctx: TrainContext) -> None:

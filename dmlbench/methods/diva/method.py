@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dmlbench.errors import ConfigError
-from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams, TrainContext
+from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams, Recipe, TrainContext
 from dmlbench.methods.diva import functional as Fd
 
 if TYPE_CHECKING:
@@ -57,9 +57,21 @@ _SAMPLE_RUNS: dict[str, dict[str, Any]] = {
                                       "lr_milestone_frac": 70 / 150, "lr_gamma": 0.3}},
 }
 _SAMPLE_RUNS["inshop"] = _SAMPLE_RUNS["sop"]
+#: shared by the ResNet-50 sample runs (spec §2, §3.1): torchvision's ImageNet ResNet-50 (timm
+#: ``resnet50.tv_in1k``; the reference loads torchvision/Cadene weights), BN statistics frozen,
+#: 224 px RandomResizedCrop(0.08, 1), batch 112 = 56 classes x 2, lr 1e-5, decay 4e-4, 4 x 128-d
 _BENCHMARK_COMMON: dict[str, Any] = {
+    "backbone": "resnet50.tv_in1k", "pretrained": True, "image_size": 224, "crop_scale": [0.08, 1.0],
+    "bn_policy": "frozen_stats", "optimizer": "adam", "schedule": "constant", "iters_per_epoch": None,
     "embedding_dim": 512, "classes_per_batch": 56, "samples_per_class": 2, "lr": 1e-5, "weight_decay": 4e-4,
 }
+_RECIPE_PARAMS_COMMON: dict[str, Any] = {
+    "dance_tau": 0.01, "margin": 0.2, "beta_init": 1.2, "beta_lr_mult": 50.0, "ema_momentum": 0.9,
+    "decorr_hidden": 512, "shared_mode": "random", "dance_variant": "original",
+}
+RECIPE_SOURCE = "Confusezius/ECCV2020_DiVA_MultiFeature_DML SampleRuns/ECCV2020_DiVA_SampleRuns.sh (spec diva.md §3.1)"
+#: how the reference picked its reported checkpoint and head weighting (spec §4.1-4.2)
+PAPER_SELECTION = "best test-set R@1 epoch; head weighting picked among --evaltypes all on the test set"
 #: embedded data (tiny backbone from scratch, 16-d heads, a few hundred training images): a small
 #: queue, ρ re-tuned for D = 16 (c scales roughly like 1/D², so the R50 values would dominate),
 #: a softer DaNCE temperature and a late LR drop.
@@ -280,15 +292,46 @@ class DiVA(Method):
         """Cross-field checks against the trial (batch composition, embedding split, schedule)."""
         check_diva_config(cfg)
 
+    own_schedule_off = {"lr_milestone_frac": None}
+
     @classmethod
     def recommended(cls, dataset: str, embedded: bool) -> dict[str, Any]:
         """Reference sample-run settings per benchmark (spec §3.1), small-data settings for embedded sets."""
         if embedded:
             return copy.deepcopy(_EMBEDDED)
+        recipe = cls.recipe(dataset, 512, embedded) if dataset in _SAMPLE_RUNS else None
+        return recipe.settings if recipe is not None else {}
+
+    @classmethod
+    def published_dims(cls, dataset: str) -> tuple[int, ...]:
+        """512 = 4 heads x 128 (every sample run)."""
+        return (512,)
+
+    @classmethod
+    def recipe(cls, dataset: str, dim: int, embedded: bool) -> Recipe | None:
+        """The ResNet-50 sample run of ``dataset``; In-Shop (not in the paper) takes the SOP run, and
+        another total size than 512 keeps the run with heads of ``dim / 4``, both marked extrapolated."""
+        if embedded:
+            return Recipe({**copy.deepcopy(_EMBEDDED), "embedding_dim": dim}, "dmlbench small-data settings",
+                          "none (embedded stand-in)", "no paper recipe for embedded data: the small-data settings")
         run = _SAMPLE_RUNS.get(dataset)
         if run is None:
-            return {}
-        return {**_BENCHMARK_COMMON, **copy.deepcopy(run)}
+            return None
+        notes = []
+        if dataset == "inshop":
+            notes.append("DiVA has no In-Shop setting; the SOP sample run")
+        if dim != 512:
+            notes.append(f"the sample runs use 4 x 128 = 512; {dim} gives heads of {dim // 4}")
+        settings = {**_BENCHMARK_COMMON, "embedding_dim": dim, "epochs": run["epochs"],
+                    "params": {**_RECIPE_PARAMS_COMMON, **run["params"]}}
+        source = f"{RECIPE_SOURCE}, {'sop' if dataset == 'inshop' else dataset} R50"
+        return Recipe(copy.deepcopy(settings), source, PAPER_SELECTION, "; ".join(notes) or None)
+
+    @classmethod
+    def grace_epochs(cls, cfg: TrialConfig) -> int:
+        """The LR milestone (``lr_milestone_frac`` x epochs): rankings change at the drop (spec §3.2)."""
+        frac = cfg.params.get("lr_milestone_frac")
+        return max(1, round(float(frac) * cfg.epochs)) if frac is not None else 1
 
     # ---- modes / helpers ----------------------------------------------------------------
     def train(self, mode: bool = True) -> DiVA:
