@@ -48,16 +48,21 @@ def collate(items: Sequence[tuple[list[torch.Tensor], int, int]]) -> Batch:
 
 
 class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """``classes_per_batch`` distinct classes × ``samples_per_class`` distinct images per batch.
+    """``classes_per_batch`` distinct classes × ``samples_per_class`` images per batch.
 
     Classes are visited in a seeded shuffled cycle (every class once per pass); images of a class
-    come without replacement from a reshuffled queue. The order depends only on ``(seed, epoch)``,
-    so a resumed epoch replays exactly.
+    come without replacement from a reshuffled queue. A class with fewer images than
+    ``samples_per_class`` (SOP's 2-image products, In-Shop's single-image items) is filled by
+    repeating its images, each as few times as possible; every copy goes through the training
+    transform on its own, so it is a fresh augmentation (as the reference code and
+    pytorch-metric-learning's ``MPerClassSampler`` do). ``small_classes`` counts such classes; it
+    is never an error. The order depends only on ``(seed, epoch)``, so a resumed epoch replays
+    exactly.
 
     Example:
-        >>> s = ClassBalancedBatchSampler(np.array([0, 0, 1, 1, 2, 2]), 2, 2, num_batches=3, seed=0)
-        >>> [len(b) for b in s]
-        [4, 4, 4]
+        >>> s = ClassBalancedBatchSampler(np.array([0, 0, 1, 1, 2]), 2, 2, num_batches=3, seed=0)
+        >>> [len(b) for b in s], s.small_classes
+        ([4, 4, 4], 1)
     """
 
     def __init__(
@@ -72,16 +77,27 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = 0
         if self.P > len(self.classes):
             raise ValueError(f"{self.P} classes per batch but only {len(self.classes)} training classes")
-        if counts.min() < self.K:
-            raise ValueError(
-                f"{self.K} samples per class but class {int(self.classes[counts.argmin()])} has {counts.min()} images"
-            )
+        #: classes with fewer than ``samples_per_class`` images (filled with repeated images)
+        self.small_classes = int((counts < self.K).sum())
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def _take(self, c: int, queue: dict[int, list[int]], rng: np.random.Generator) -> list[int]:
+        """``K`` images of class ``c``: distinct while the class has that many, else its images
+        repeated as evenly as possible (shuffled)."""
+        members = self.by_class[c]
+        if len(members) < self.K:
+            reps = np.resize(rng.permutation(members), self.K)  # each image ⌊K/n⌋ or ⌈K/n⌉ times
+            return [int(i) for i in rng.permutation(reps)]
+        q = queue.get(c, [])
+        if len(q) < self.K:
+            q = q + [int(i) for i in rng.permutation(members) if int(i) not in q]
+        queue[c] = q[self.K :]
+        return q[: self.K]
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -97,11 +113,7 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
                     chosen.append(c)
             batch: list[int] = []
             for c in chosen:
-                q = img_queue.get(c, [])
-                if len(q) < self.K:
-                    q = q + [int(i) for i in rng.permutation(self.by_class[c]) if int(i) not in q]
-                batch.extend(q[: self.K])
-                img_queue[c] = q[self.K :]
+                batch.extend(self._take(c, img_queue, rng))
             yield batch
 
 
