@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -13,10 +14,17 @@ from dmlbench.cli import Wide, app, console, friendly
 from dmlbench.cli._tables import Col, print_table
 from dmlbench.errors import SweepInterrupted
 
+PREFLIGHT_HELP = (
+    "Preflight a sweep (same options as sweep): every cell trains a few steps of a search and a final trial on the "
+    "real data and backbone, evaluates its largest splits with every metric, saves and resumes a checkpoint; prints "
+    "time, memory, checkpoint and cache size and the estimated cost per cell; exit 1 if a cell cannot run. Writes no rows."
+)
 
-@app.command(epilog="Examples:\n\n  dmlbench sweep --methods nivmf,ccp,diva --datasets embedded --preset smoke\n\n  dmlbench sweep --methods all --datasets all --data-root /data/dml --gpus-per-trial 0.5 --trials 40\n\n  dmlbench sweep --methods ccp --datasets cub200 --address head:6379 --storage s3://bucket/dml\n\n  dmlbench sweep ... --dry-run")
+
+@app.command(epilog="Examples:\n\n  dmlbench sweep --methods nivmf,ccp,diva --datasets embedded --preset smoke\n\n  dmlbench sweep --methods all --datasets all --data-root /data/dml --gpus-per-trial 0.5 --trials 40\n\n  dmlbench sweep --methods ccp --datasets cub200 --address head:6379 --storage s3://bucket/dml\n\n  dmlbench sweep ... --dry-run\n\n  dmlbench sweep ... --preflight   (or dmlbench preflight ...)")
 @friendly
 def sweep(
+    ctx: typer.Context,
     *,
     methods: Annotated[str, typer.Option(help="comma list of methods, or 'all'")],
     datasets: Annotated[str, typer.Option(help="comma list; 'all' = cub200,cars196,sop,inshop; 'embedded' = synthetic,digits")],
@@ -48,6 +56,9 @@ def sweep(
     force: Annotated[bool, typer.Option("--force", help="continue a sweep whose spec changed")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print cells, trial counts and cost; start nothing (works without the datasets)")] = False,
     plan_format: Annotated[str, typer.Option("--format", help="with --dry-run: text or json (every cell's fully resolved trial config)")] = "text",
+    preflight: Annotated[bool, typer.Option("--preflight", help="run the preflight instead of the sweep (see dmlbench preflight --help)")] = False,
+    preflight_steps: Annotated[int, typer.Option(help="with --preflight: timed training steps per trial")] = 3,
+    wide: Wide = False,
 ) -> None:
     """Sweep methods × datasets × backbones with Ray Tune + Optuna; rows go to OUTPUT/<sweep>/rows/."""
     from dmlbench.orchestrator import sweep as sw
@@ -66,10 +77,43 @@ def sweep(
         address=address, storage=storage, data_root=data_root, metric=metric, grace_period=grace_period,
         dashboard_host=dashboard_host, allow_cpu=allow_cpu or None,
     )  # fmt: skip
+    if preflight or ctx.info_name == "preflight":
+        if dry_run or resume:
+            raise typer.BadParameter("the preflight runs no sweep: drop --dry-run and --resume.")
+        _preflight(spec, preflight_steps, wide)
+        return
     try:
         sw.run(spec, resume=resume, force=force, dry_run=dry_run, plan_format=plan_format, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
     except SweepInterrupted as err:
         raise SweepInterrupted(f"{err}\n  {_command_line()}") from None
+
+
+app.command("preflight", help=PREFLIGHT_HELP, epilog="Examples:\n\n  dmlbench preflight --methods nivmf,ccp,diva --datasets all --data-root /data/dml\n\n  dmlbench preflight --methods ccp --datasets sop --data-root /data/dml --preset smoke --allow-cpu")(sweep)
+
+
+def _preflight(spec: object, steps: int, wide: bool) -> None:
+    from dmlbench.orchestrator import preflight as pf
+
+    def echo(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+    t0 = time.perf_counter()
+    result = pf.run_checked(spec, steps=steps, echo=echo)  # type: ignore[arg-type]
+    cols = [
+        Col("cell"), Col("status", wrap=True, wrap_width=48), Col("step s", 1, "right"), Col("eval s", 1, "right"),
+        Col("host peak", 3, "right"), Col("device peak", 4, "right"), Col("checkpoint", 3, "right"),
+        Col("cache", 2, "right"), Col("est. cost", 0, "right"),
+    ]  # fmt: skip
+    print_table(console, cols, pf.table_rows(result.reports), title=f"preflight of sweep {result.sweep_id}",
+                caption=pf.table_caption(result, time.perf_counter() - t0), wide=wide)  # fmt: skip
+    bad = pf.failures(result.reports)
+    if bad:
+        raise pf.PreflightFailed(
+            f"{len(bad)} of {len(result.reports)} cell(s) cannot run ({', '.join(r.cell.key for r in bad)}); the table "
+            "says why; fix them and run the preflight again before the sweep."
+        )
+    echo(f"all {len(result.reports)} cell(s) can run; start the sweep with the same options without --preflight "
+         "(it reuses the image caches built here).")
 
 
 def _command_line() -> str:

@@ -191,18 +191,14 @@ def ensure_cache(
         raise ConfigError(
             f"the cache dataset id must be a non-empty name without slashes, got {dataset_id!r}."
         )
-    side = stored_side(size)
-    root = default_cache_dir(cache_dir)
+    final, expected = cache_location(table, dataset_id, size, cache_dir)
+    root, name = final.parent, final.name
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DatasetError(
             f"cannot create the image cache folder {root} ({err}); set ${CACHE_ENV} to a writable folder."
         ) from None
-    key = source_key(table, dataset_id, size)
-    name = f"{dataset_id}-s{size}-{key}"
-    final = root / name
-    expected = {"version": FORMAT_VERSION, "key": key, "n": len(table), "side": side}
     if is_valid_cache(final, expected):
         return final, False
     with file_lock(root / f"{name}.lock"):
@@ -221,6 +217,47 @@ def ensure_cache(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final, True
+
+
+def cache_location(
+    table: SampleTable, dataset_id: str, size: int, cache_dir: str | os.PathLike[str] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Where :func:`ensure_cache` keeps the cache of ``table`` and the metadata a valid one has
+    (pass both to :func:`is_valid_cache`); builds nothing. Stats every image file (the source key)."""
+    key = source_key(table, dataset_id, size)
+    expected = {"version": FORMAT_VERSION, "key": key, "n": len(table), "side": stored_side(size)}
+    return default_cache_dir(cache_dir) / f"{dataset_id}-s{size}-{key}", expected
+
+
+def estimate_cache_bytes(table: SampleTable, size: int, sample: int = 64, seed: int = 0) -> int:
+    """Bytes a cache of ``table`` at ``size`` will take, from the header sizes of a seeded sample
+    of its image files (PIL reads the header only, nothing is decoded); in-memory tables (no paths)
+    are measured on decoded samples. Index and metadata included.
+
+    Example:
+        Every image 640×480: the shorter side becomes ``stored_side(224) = 256``, so
+        ``256 · 341 · 3 = 261,888`` bytes each, plus 24 bytes of index.
+    """
+    n = len(table)
+    if n == 0:
+        return 0
+    side = stored_side(size)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(n, size=min(sample, n), replace=False)
+    per = []
+    for i in picks:
+        if table.paths is not None:
+            try:
+                with Image.open(table.paths[int(i)]) as im:
+                    w, h = im.size
+            except OSError:
+                continue  # unreadable files are the image check's to report
+        else:
+            h, w = table.load(int(i)).shape[:2]
+        nh, nw = resized_shape(h, w, side)
+        per.append(nh * nw * 3)
+    mean = float(np.mean(per)) if per else float(side * side * 3)
+    return int(mean * n) + 24 * n + 4096
 
 
 def is_valid_cache(folder: Path, expected: dict[str, Any]) -> bool:

@@ -574,6 +574,21 @@ class Trainer:
         if self.ckpt_dir is not None:
             atomic_torch_save(self._state(), self.ckpt_dir / f"{name}.pt")
 
+    def save_checkpoint(self, name: str = "last") -> Path | None:
+        """Write ``checkpoints/<name>.pt`` now (what :meth:`run` writes after every epoch); returns
+        its path, or None when the run has no output folder."""
+        self._save(name)
+        return self.ckpt_dir / f"{name}.pt" if self.ckpt_dir is not None else None
+
+    def start(self) -> bool:
+        """What :meth:`run` does before its first epoch: resume from ``checkpoints/last.pt`` when it
+        exists (True), else call the method's ``on_train_start`` (DiVA fills its queue; False)."""
+        if self._resume():
+            return True
+        with torch.no_grad():
+            self.method.on_train_start(self.ctx)
+        return False
+
     def _resume(self) -> bool:
         if self.ckpt_dir is None or not (self.ckpt_dir / "last.pt").exists():
             return False
@@ -601,9 +616,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         has_val = self.data.split.val is not None
-        if not self._resume():
-            with torch.no_grad():
-                self.method.on_train_start(self.ctx)
+        if not self.start():
             if cfg.eval_at_start and has_val:
                 metrics = self._validate()
                 self.history.append({"epoch": 0, **metrics})

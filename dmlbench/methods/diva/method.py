@@ -480,6 +480,13 @@ class DiVA(Method):
         if not self.use_dance or bool(self.queue.filled):
             return
         need = self.hparams.n_key_batches
+        n_train = int(sum(ctx.train_class_counts)) if ctx.train_class_counts is not None else None
+        if n_train is not None and self.queue.size > n_train:
+            raise ConfigError(
+                f"diva's queue of {self.queue.size} keys (n_key_batches={need} x batch {self.batch_size}) is larger "
+                f"than the {n_train} training images of this trial, so it would hold repeated images as negatives; "
+                f"lower n_key_batches to at most {n_train // self.batch_size} or the batch size."
+            )
         keys: list[Tensor] = []
         while len(keys) < need:
             before = len(keys)

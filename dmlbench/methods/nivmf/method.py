@@ -178,7 +178,13 @@ class Nivmf(Method):
         if dataset not in RECIPES_D128:
             return {}
         recipe = cls.recipe(dataset, 128, embedded)
-        return copy.deepcopy(recipe.settings) if recipe is not None else {}
+        if recipe is None:
+            return {}
+        settings = copy.deepcopy(recipe.settings)
+        # "auto" is the recipe's code_poly at D = 128 and stays valid when a sweep sets another size
+        # (the smoke preset's D = 32): a recommendation must not pin what only fits D in {128, 512}
+        settings["params"]["log_cp"] = "auto"
+        return settings
 
     @classmethod
     def published_dims(cls, dataset: str) -> tuple[int, ...]:
