@@ -47,6 +47,7 @@ def sweep(
     address: Annotated[str | None, typer.Option(help="join the Ray cluster at HEAD:6379 (run on a node of it; else use `dmlbench submit`); default: $RAY_ADDRESS if set, else a private local Ray")] = None,
     storage: Annotated[str | None, typer.Option(help="shared storage for multi-node: a path all nodes see, s3://..., gs://...")] = None,
     data_root: Annotated[Path | None, typer.Option(help="benchmark datasets root (default $DMLBENCH_DATA)")] = None,
+    subset: Annotated[bool, typer.Option("--subset", help="accept partial benchmark datasets (full-size counts not asserted)")] = False,
     metric: Annotated[str | None, typer.Option(help="validation metric to maximise (default map_at_r)")] = None,
     grace_period: Annotated[int | None, typer.Option(help="ASHA: epochs before a trial can be pruned (default: what each method's recipe needs; a larger value wins)")] = None,
     reproducible: Annotated[bool, typer.Option("--reproducible", help="one search trial at a time per cell and deterministic kernels: the same command and seed give the same leaderboard on the same hardware")] = False,
@@ -75,7 +76,7 @@ def sweep(
         gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent,
         search_space=search_space, folds=folds, final_seeds=final_seeds, seed=seed, name=name, output=output,
         address=address, storage=storage, data_root=data_root, metric=metric, grace_period=grace_period,
-        dashboard_host=dashboard_host, allow_cpu=allow_cpu or None,
+        dashboard_host=dashboard_host, allow_cpu=allow_cpu or None, subset=subset or None,
     )  # fmt: skip
     if preflight or ctx.info_name == "preflight":
         if dry_run or resume:

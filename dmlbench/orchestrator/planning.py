@@ -56,6 +56,13 @@ def build_spec(
     for d in dlist:
         DATASETS.get(d)
     data["methods"], data["datasets"] = tuple(mlist), tuple(dlist)
+    if options.pop("subset", None):
+        embedded = [d for d in dlist if d in EMBEDDED]
+        if embedded:
+            raise ConfigError(f"--subset is for partial benchmark datasets; drop it or drop {', '.join(embedded)}.")
+        tb = dict(data.get("trial_base") or {})
+        tb["dataset_kwargs"] = {**dict(tb.get("dataset_kwargs") or {}), "expect_full": False}
+        data["trial_base"] = tb
     backbones = options.pop("backbones", None)
     if backbones is not None:
         data["backbones"] = tuple(split(backbones, "backbones"))
@@ -126,7 +133,8 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
                     f"2 classes each; use --folds {max(2, n_train // 2)} or fewer."
                 )
             continue
-        chk = ds_cls(spec.data_root or os.environ.get("DMLBENCH_DATA")).check()
+        kwargs = dict(spec.trial_base.get("dataset_kwargs") or {})  # e.g. --subset's expect_full=False
+        chk = ds_cls(spec.data_root or os.environ.get("DMLBENCH_DATA"), **kwargs).check()
         if not chk.usable:
             problems.append(f"{d} is {chk.status} ({chk.message})")
     if problems and need_data:

@@ -315,7 +315,7 @@ def table_caption(result: PreflightResult, seconds: float) -> str:
     return (
         f"ran on {result.where}, in {seconds:.0f} s; eval s: largest validation fold + test split, every metric; "
         f"est. cost: measured step time x planned steps + measured evaluations x planned ones (every model all its "
-        f"epochs: an upper bound); decoded-image caches: {_size(caches) if caches else "none"} on disk, reused by the sweep; no rows written."
+        f"epochs: an upper bound); decoded-image caches: {_size(caches) if caches else 'none'} on disk, reused by the sweep; no rows written."
     )
 
 
