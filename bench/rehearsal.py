@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +38,9 @@ from dmlbench.datasets.cache import ensure_cache, stored_side  # noqa: E402
 from dmlbench.datasets.checks import check_datasets  # noqa: E402
 from tests.fixtures.standins import build, du  # noqa: E402
 
-PREFLIGHT = ["sweep", "--methods", "nivmf,ccp,diva", "--datasets", "all", "--preset", "smoke", "--preflight"]
+#: the smoke preset trains on CPU, which a benchmark sweep refuses without --allow-cpu (the preflight
+#: applies the sweep's own resource checks)
+PREFLIGHT = ["sweep", "--methods", "nivmf,ccp,diva", "--datasets", "all", "--preset", "smoke", "--allow-cpu", "--preflight"]
 
 
 def main() -> int:
@@ -86,11 +90,20 @@ def main() -> int:
         print(f"total {time.perf_counter() - start:.1f} s")
         return 0
 
-    cmd = [sys.executable, "-m", "dmlbench.cli", *PREFLIGHT, "--data-root", str(args.standins)]
+    cmd = [sys.executable, "-m", "dmlbench.cli", *PREFLIGHT, "--data-root", str(args.standins), "--wide"]
+    if args.scale != 1.0:
+        cmd.append("--subset")  # a scaled set does not have the full-size counts
+    out = Path(tempfile.mkdtemp(prefix="dmlbench-rehearsal-"))  # the preflight writes no rows; nothing lands in results/
+    cmd += ["--output", str(out)]
     env = {**os.environ, "DMLBENCH_CACHE": str(cache_dir), "PYTHONPATH": str(ROOT)}
     print(f"[4] {' '.join(cmd[2:])}")
     t = time.perf_counter()
-    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    rc = subprocess.call(cmd, cwd=ROOT, env={**env, "COLUMNS": env.get("COLUMNS", "200")})
+    left = [p for p in out.rglob("*") if p.is_file()]
+    shutil.rmtree(out, ignore_errors=True)
+    if left:
+        print(f"    the preflight wrote {len(left)} file(s) under its --output ({left[0]}); it must write none")
+        rc = rc or 1
     print(f"    exit {rc} after {time.perf_counter() - t:.1f} s; total {time.perf_counter() - start:.1f} s")
     return rc
 
