@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,15 +146,14 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
     return problems
 
 
-def check_space(spec: SweepSpec, cell: Cell, override: str | None, draws: int = 8) -> None:
-    """Sample a few points of the cell's space (seeded random) and build their TrialConfigs, so a
-    space that clashes with the cell's settings fails here, before Ray starts, not in every trial."""
+def space_draws(spec: SweepSpec, cell: Cell, override: str | None, draws: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """The first ``draws`` points of the cell's space drawn by a random sampler seeded with
+    :func:`cell_seed`, as (sampled values, the space's fixed values)."""
     import optuna
 
-    from dmlbench.search_spaces.loader import build_trial_config, load_space
+    from dmlbench.search_spaces.loader import load_space
 
     space = cell_space(spec, load_space(cell.method, override), cell)
-    base = cell_base(spec, cell, "search")
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -163,16 +163,27 @@ def check_space(spec: SweepSpec, cell: Cell, override: str | None, draws: int = 
     for _ in range(draws):
         trial = study.ask()
         fixed = space.suggest(trial)
+        yield dict(trial.params), fixed
+        study.tell(trial, 0.0)
+
+
+def check_space(spec: SweepSpec, cell: Cell, override: str | None, draws: int = 8) -> None:
+    """Sample a few points of the cell's space (seeded random) and build their TrialConfigs, so a
+    space that clashes with the cell's settings fails here, before Ray starts, not in every trial."""
+    from dmlbench.search_spaces.loader import build_trial_config, load_space
+
+    base = cell_base(spec, cell, "search")
+    for params, fixed in space_draws(spec, cell, override, draws):
         try:
-            build_trial_config(base, {**trial.params, **fixed})
+            build_trial_config(base, {**params, **fixed})
         except ConfigError as err:
-            shown = ", ".join(f"{k}={v!r}" for k, v in trial.params.items())
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            source = cell_space(spec, load_space(cell.method, override), cell).source
             raise ConfigError(
                 f"the search space of {cell.method} gives invalid trials on {cell.dataset}/{cell.backbone} "
-                f"(e.g. {shown or 'its fixed values'}): {str(err).rstrip('.')}; fix {space.source} or the method's "
+                f"(e.g. {shown or 'its fixed values'}): {str(err).rstrip('.')}; fix {source} or the method's "
                 "recommended settings."
             ) from None
-        study.tell(trial, 0.0)
 
 
 def _check_backbones(names: tuple[str, ...]) -> None:

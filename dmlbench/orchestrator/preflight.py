@@ -49,11 +49,10 @@ from typing import TYPE_CHECKING, Any
 from dmlbench.errors import DmlbenchError
 from dmlbench.orchestrator.planning import (
     cell_base,
-    cell_seed,
     cell_settings,
-    cell_space,
     check_space,
     final_seeds,
+    space_draws,
 )
 from dmlbench.orchestrator.spec import Cell, SweepSpec
 
@@ -419,29 +418,22 @@ def _sentence(err: BaseException, stage: str, cell: Cell) -> str:
 
 
 # ---- trial configs ---------------------------------------------------------------------------------
+def space_override(spec: SweepSpec, cell: Cell) -> str | None:
+    """``--search-space`` when it is the space of the cell's method, else None."""
+    from dmlbench.search_spaces.loader import load_space_file
+
+    if spec.search_space and load_space_file(spec.search_space).method == cell.method:
+        return spec.search_space
+    return None
+
+
 def first_point(spec: SweepSpec, cell: Cell) -> dict[str, Any]:
     """The first point the cell's seeded sampler draws from its search space (sampled + fixed
     values), or ``{}`` for a cell without a search (``paper``)."""
     if not cell_settings(spec, cell).searched:
         return {}
-    import optuna
-
-    from dmlbench.search_spaces.loader import load_space, load_space_file
-
-    override = None
-    if spec.search_space and load_space_file(spec.search_space).method == cell.method:
-        override = spec.search_space
-    space = cell_space(spec, load_space(cell.method, override), cell)
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=cell_seed(spec, cell)),
-                                    direction="maximize")  # fmt: skip
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    trial = study.ask()
-    fixed = space.suggest(trial)
-    return {**trial.params, **fixed}
+    params, fixed = next(iter(space_draws(spec, cell, space_override(spec, cell), 1)))
+    return {**params, **fixed}
 
 
 def trial_configs(spec: SweepSpec, cell: Cell, work: Path) -> tuple[TrialConfig | None, TrialConfig]:
@@ -451,12 +443,11 @@ def trial_configs(spec: SweepSpec, cell: Cell, work: Path) -> tuple[TrialConfig 
     fold models, all training classes for a ``paper`` recipe), both with :func:`first_point`'s
     values. The cell's space is checked first (:func:`planning.check_space`), as the sweep does.
     """
-    from dmlbench.search_spaces.loader import build_trial_config, load_space_file
+    from dmlbench.search_spaces.loader import build_trial_config
 
     st = cell_settings(spec, cell)
     if st.searched:
-        override = spec.search_space if spec.search_space and load_space_file(spec.search_space).method == cell.method else None
-        check_space(spec, cell, override)
+        check_space(spec, cell, space_override(spec, cell))
     point = first_point(spec, cell)
     quiet = {"progress": False}
     search = None
