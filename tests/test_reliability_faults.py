@@ -12,8 +12,9 @@ The test method logs every optimiser step as ``<trial id> <run token> <step>`` (
   epochs) is killed once its first trial has a row and the second one is half-trained in Tune's
   saved state; the same command is run again: no row lost or duplicated, the finished trial is not
   started again, the half-trained one resumes after its checkpointed epoch (Tune's own result log);
-* a trial's worker killed mid-epoch: a test method SIGKILLs its own worker process in the middle
-  of epoch 2 (after the epoch-1 checkpoint); Tune restarts it and it resumes at step 4;
+* a trial's worker killed mid-epoch: a test method deletes its local checkpoints and SIGKILLs its own
+  worker process in the middle of epoch 2 (after the epoch-1 checkpoint); Tune restarts it from the
+  checkpoint it was handed and it resumes at step 4;
 * a trial raises (a bug in a test-registered method, injected into the second trial): a ``failed``
   row with the error, and the first trial completes with the undisturbed metrics;
 * an unwritable results folder (the rows folder is a file): one clear error, and the rows already
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +76,9 @@ def register() -> None:
             # ctx.epoch is the last finished epoch: 1 = after the first step of epoch 2 (of >= 2 steps)
             killing = os.environ.get("REL_MODE") == "kill" and ctx.epoch == 1
             if killing and _first(Path(os.environ["REL_FLAG"])):
+                # the worker dies with its local files (as when its node is lost): the restarted trial
+                # can only resume from the checkpoint Tune hands back
+                shutil.rmtree(Path(ctx.cfg.output_dir) / "checkpoints")
                 os.kill(os.getpid(), signal.SIGKILL)
 
         def _token(self) -> str:

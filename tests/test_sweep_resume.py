@@ -128,7 +128,9 @@ def test_kill_driver_then_rerun_no_reruns_no_duplicates(tmp_path: Path, ray_tmpd
     )
     out = tmp_path / "out"
     log = tmp_path / "starts.log"
-    env = {**os.environ, "RESUME_LOG": str(log), "PYTHONPATH": str(Path(__file__).parent), "RAY_TMPDIR": ray_tmpdir}
+    # this checkout's dmlbench (not whichever one is installed) in the driver and its Ray workers
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "RESUME_LOG": str(log), "PYTHONPATH": f"{here.parent}{os.pathsep}{here}", "RAY_TMPDIR": ray_tmpdir}
     cmd = [sys.executable, __file__, str(out), str(spaces)]
     rows = out / "resume" / "rows"
     proc = subprocess.Popen(cmd, env={**env, "RESUME_BLOCK": "1"}, start_new_session=True,
