@@ -344,9 +344,19 @@ def run(
                 rep.problem = unusable[cell.dataset]
             else:
                 _run_cell(spec, cell, rep, data, limits, steps, Path(tmp) / cell.slug)
-            echo(f"  {'OK' if rep.ok else 'FAILED: ' + str(rep.problem)}")
+            echo(f"  {_progress_line(rep)}")
             reports.append(rep)
     return reports, data
+
+
+def _progress_line(rep: CellReport) -> str:
+    """The cell's outcome as it finishes (a long preflight shows its figures before the table)."""
+    if not rep.ok:
+        return f"FAILED: {rep.problem}"
+    evals = ", ".join(f"{k} {v:.1f} s" for k, v in rep.eval_detail.items())
+    cost = f"{rep.cost_hours:,.2f} {rep.cost_unit}" if rep.cost_hours is not None else "-"
+    return (f"OK: step {rep.step_s or 0:.3f} s, eval {evals or '-'}, host peak {_size(rep.host_peak)}, "
+            f"checkpoint {_size(rep.checkpoint_bytes)}, cache {_size(rep.cache_bytes)}, est. {cost}")
 
 
 def _run_cell(spec: SweepSpec, cell: Cell, rep: CellReport, data: dict[tuple[str, int], DataReport],
