@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from typer.testing import CliRunner
 from dmlbench.cli import app
 from dmlbench.config import TrialConfig
 from dmlbench.engine import train
+from tests.fixtures.resume import Interrupt, count_loss_calls, stop_after
 
 SETTINGS = [
     "stage_patience=1",
@@ -81,35 +81,15 @@ def test_cli_run_changes_stage_and_beats_untrained(cli_run: Path) -> None:
     assert [h["epoch"] for h in hist if sc.step(h["map_at_r"]).project] == projections
 
 
-class _Interrupt(Exception):
-    """Raised by the report callback right after round 3's checkpoint (a simulated kill)."""
-
-
 def test_checkpoint_resume_reproduces_controller_state(
     cli_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dmlbench.methods import METHODS
-
-    cls = METHODS.get("ccp")
-    real_loss = cls.loss
-    loss_calls: list[int] = []
-
-    def counted(self: Any, batch: Any) -> Any:
-        loss_calls.append(1)
-        return real_loss(self, batch)
-
-    monkeypatch.setattr(cls, "loss", counted)
+    loss_calls = count_loss_calls(monkeypatch, "ccp")
     # the SAME config for both calls: the first is stopped after round 3, the second must resume
     cfg = TrialConfig.from_yaml((cli_run / "config.yaml").read_text()).replace(output_dir=str(tmp_path / "resumed"))
     first: list[int] = []
-
-    def stop_after_3(epoch: int, metrics: dict[str, float], ckpt: str | None) -> None:
-        first.append(epoch)
-        if epoch == 3:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        train(cfg, report=stop_after_3)
+    with pytest.raises(Interrupt):  # stopped right after round 3's checkpoint
+        train(cfg, report=stop_after(3, first))
     assert first == [0, 1, 2, 3] and len(loss_calls) == 3 * 10
     loss_calls.clear()
     again: list[int] = []

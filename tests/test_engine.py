@@ -12,6 +12,7 @@ from dmlbench.config import TrialConfig
 from dmlbench.engine import train
 from dmlbench.errors import CheckpointError, ConfigError, DatasetError, Diverged
 from dmlbench.methods import METHODS, Batch, LossOutput, Method
+from tests.fixtures.resume import Interrupt, count_loss_calls, stop_after
 
 
 def make(tiny_cfg: dict[str, Any], **kw: Any) -> TrialConfig:
@@ -35,32 +36,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path / "checkpoints" / "last.pt", weights_only=True)["model"]  # type: ignore[no-any-return]
 
 
-class _Interrupt(Exception):
-    """Raised by a report callback to stop a run right after an epoch's checkpoint (a simulated kill)."""
-
-
-def _stop_after(epoch: int, seen: list[int]) -> Any:
-    def report(e: int, m: dict[str, float], c: str | None) -> None:
-        seen.append(e)
-        if e == epoch:
-            raise _Interrupt
-
-    return report
-
-
 @pytest.fixture
 def loss_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts every ``loss`` call of the proxyanchor method (one per training step)."""
-    cls = METHODS.get("proxyanchor")
-    real = cls.loss
-    calls: list[int] = []
-
-    def counted(self: Method, batch: Batch) -> LossOutput:
-        calls.append(1)
-        return real(self, batch)
-
-    monkeypatch.setattr(cls, "loss", counted)
-    return calls
+    return count_loss_calls(monkeypatch, "proxyanchor")
 
 
 def test_resume_is_exact(tiny_cfg: dict[str, Any], tmp_path: Path, loss_calls: list[int]) -> None:
@@ -68,8 +46,8 @@ def test_resume_is_exact(tiny_cfg: dict[str, Any], tmp_path: Path, loss_calls: l
     assert len(loss_calls) == 9
     cfg = make(tiny_cfg, epochs=3, output_dir=str(tmp_path / "b"))  # the SAME config for both calls
     first: list[int] = []
-    with pytest.raises(_Interrupt):
-        train(cfg, report=_stop_after(1, first))  # stopped after epoch 1's checkpoint and report
+    with pytest.raises(Interrupt):
+        train(cfg, report=stop_after(1, first))  # stopped after epoch 1's checkpoint and report
     assert first == [0, 1]
     loss_calls.clear()
     again: list[int] = []
