@@ -61,8 +61,12 @@ def test_sampler_invariants_and_determinism() -> None:
     assert list(s2) != batches
     # every class visited once per pass of 2 batches
     assert set(labels[batches[0] + batches[1]]) == set(range(6))
-    with pytest.raises(ValueError, match="samples per class"):
-        ClassBalancedBatchSampler(labels, 3, 6, 1, 0)
+    # classes smaller than samples_per_class are filled with repeats (counted), never refused;
+    # more classes per batch than there are classes is refused
+    small = ClassBalancedBatchSampler(labels, 3, 6, 1, 0)
+    assert small.small_classes == 6 and all(len(b) == 18 for b in small)
+    with pytest.raises(ValueError, match="classes per batch"):
+        ClassBalancedBatchSampler(labels, 7, 2, 1, 0)
 
 
 def test_dataset_views_and_collate() -> None:
