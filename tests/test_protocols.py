@@ -90,6 +90,9 @@ def test_paper_recipe_table(method: str, dataset: str, dim: int) -> None:
         assert (p["lr_gamma"], p["alpha"], p["rho"], p["n_key_batches"], p["dance_tau"]) == (gamma, alpha, rho, nkb,
                                                                                              0.01)  # fmt: skip
         assert (st.extrapolated is not None) == (dataset == "inshop")
+        # head weighting of network_loader.py: CUB 0.5-1-1-1, CARS 0.5-2-2-2, SOP 1-1-1-1 (spec §4.2)
+        assert p["disc_weight"] == {"cub200": 0.5, "cars196": 0.25}.get(dataset, 1.0)
+        assert nkb * 56 * 2 <= {"cub200": 5864, "cars196": 8054, "sop": 59551, "inshop": 25882}[dataset]
         assert cfg.fold is None and not st.fold_models
     else:
         P, ratio, rounds = CCP[dataset]
@@ -203,3 +206,28 @@ def test_dry_run_json_has_every_resolved_config_field(tmp_path: Path, monkeypatc
         assert cell["protocol"] == "paper" and cell["search_trials"] == 0 and cell["est_gpu_hours"] > 0
     diva_inshop = next(c for c in plan["cells"] if c["method"] == "diva" and c["dataset"] == "inshop")
     assert "In-Shop" in diva_inshop["extrapolated"]
+
+
+def test_diva_queue_bounded_by_the_fold_training_images() -> None:
+    from dmlbench.search_spaces.loader import load_space
+
+    spec = SweepSpec(methods=("diva",), datasets=("cub200",), trial_base={"classes_per_batch": 56,
+                                                                        "samples_per_class": 2})  # fmt: skip
+    (cell,) = spec.cells()
+    space = planning.cell_space(spec, load_space("diva"), cell)
+    (nkb,) = [p for p in space.params if p.name == "n_key_batches"]
+    # a CUB fold model trains on 5864 - 5864 // 4 = 4398 images: at most 39 batches of 112 keys
+    assert nkb.high == 4398 // 112 and nkb.low == 10
+    assert "disc_weight" in space.names()  # the head weighting is chosen on validation by the search
+
+
+def test_diva_refuses_a_queue_larger_than_the_training_set() -> None:
+    from dmlbench.engine import train
+
+    cfg = TrialConfig.from_dict({"method": "diva", "dataset": "digits", "backbone": "tiny", "pretrained": False,
+                                 "image_size": 16, "embedding_dim": 16, "epochs": 1, "iters_per_epoch": 1,
+                                 "classes_per_batch": 4, "samples_per_class": 8, "device": "cpu",
+                                 "progress": False, "num_folds": 3,
+                                 "params": {"n_key_batches": 1000, "decorr_hidden": 8}})  # fmt: skip
+    with pytest.raises(ConfigError, match="larger than the .* training images"):
+        train(cfg)

@@ -76,6 +76,19 @@ def _wait_for(path: Path, timeout: float = 300.0) -> None:
         time.sleep(0.05)
 
 
+def _test_embedding(cfg: TrialConfig) -> Any:
+    """A fold model's test embedding: the digits test images' labels one-hot plus seeded noise."""
+    import torch
+
+    from dmlbench.datasets import DATASETS
+
+    table = DATASETS.get(cfg.dataset)().table()
+    labels = torch.as_tensor(table.labels[table.split == "test"])
+    g = torch.Generator().manual_seed(cfg.seed * 10 + (cfg.fold or 0))
+    emb = torch.nn.functional.one_hot(labels, 10).float() + 0.5 * torch.randn(len(labels), 10, generator=g)
+    return torch.nn.functional.normalize(emb, dim=1)
+
+
 def fake_train(cfg: TrialConfig, report: Any) -> Any:
     """val map_at_r = quality * epoch / epochs; in fake_e2e's search the outcome is PLANTED."""
     from ray import tune
@@ -83,7 +96,7 @@ def fake_train(cfg: TrialConfig, report: Any) -> Any:
     trial_id = tune.get_context().get_trial_id()
     log = Path(os.environ["E2E_LOG"])
     with (log / "starts.log").open("a") as fh:
-        fh.write(f"{trial_id} {cfg.method} {cfg.phase}\n")
+        fh.write(f"{trial_id} {cfg.method} {cfg.phase} fold{cfg.fold}\n")
     plan = "ok"
     if cfg.method == "fake_e2e" and cfg.phase == "search":
         plan = PLANTED[_claim(log / "plan", trial_id)]
@@ -110,6 +123,7 @@ def fake_train(cfg: TrialConfig, report: Any) -> Any:
     return SimpleNamespace(
         metrics={**hist[-1], "precision_at_1": q},
         test_metrics={"map_at_r": q / 2} if cfg.phase == "final" else None,
+        test_embedding=_test_embedding(cfg) if cfg.phase == "final" else None,
         eval_split="test" if cfg.phase == "final" else "val",
         best_epoch=cfg.epochs,
         epochs_run=cfg.epochs,
@@ -162,6 +176,8 @@ def make_spec(out: Path, **kw: Any) -> SweepSpec:
     base: dict[str, Any] = {
         "methods": ("fake_e2e", "fake_e2e_b"), "datasets": ("digits",), "backbones": ("tiny",), "trials": 4,
         "epochs": 2, "grace_period": 1, "final_seeds": 2, "folds": 3, "output": str(out),
+        # one model per search trial (a hold-out): the planted outcomes are per train call
+        "search_folds": 1,
         "trial_base": {"pretrained": False},
     }  # fmt: skip
     base.update(kw)
@@ -194,16 +210,27 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: Path, spaces: Path
         t: expected[p] for t, p in planted.items()
     }
     assert set(search[search[schema.METHOD] == "fake_e2e_b"][schema.STATUS]) <= {"complete", "pruned"}
-    # final: 2 seeds per cell with test metrics = quality / 2 of the best search trial
-    assert len(final) == 4
-    assert set(final[schema.EVAL_SPLIT]) == {"test"}
+    # final: per cell 2 seeds x (3 fold models + their concatenation); fold rows have test
+    # metrics = quality / 2 of the best search trial, the search rows are labelled holdout
+    assert set(search[schema.PROTOCOL]) == {"holdout"}
+    folds_rows = final[final[schema.PROTOCOL] == "holdout"]
+    concat = final[final[schema.PROTOCOL] == "holdout-concat3"]
+    assert len(final) == 16 and len(folds_rows) == 12 and len(concat) == 4
+    assert set(final[schema.EVAL_SPLIT]) == {"test"} and set(final[schema.STATUS]) == {"complete"}
     assert sorted(final[schema.SEED].unique().tolist()) == [1000, 1001]
-    # seed i holds out validation fold i (checkpoint selection never sees the test split)
-    assert {(int(r[schema.SEED]), int(r[schema.FOLD])) for _, r in final.iterrows()} == {(1000, 0), (1001, 1)}
-    for _, r in final.iterrows():
+    # every seed trains all 3 fold models, each selected on its own held-out fold (never on test)
+    for m in ("fake_e2e", "fake_e2e_b"):
+        mine = folds_rows[folds_rows[schema.METHOD] == m]
+        assert {(int(r[schema.SEED]), int(r[schema.FOLD])) for _, r in mine.iterrows()} == {
+            (s, f) for s in (1000, 1001) for f in range(3)
+        }
+    for _, r in folds_rows.iterrows():
         assert json.loads(r[schema.CONFIG_JSON])["fold"] == r[schema.FOLD]
+    assert concat[schema.FOLD].isna().all() and set(concat[schema.EMBEDDING_DIM]) == {3 * 64}
+    # the concatenated one-hot-like embeddings retrieve well (scored by the real evaluation)
+    assert (concat[schema.PRECISION_AT_1] > 0.9).all()
     for o in outcomes:
-        rows = [r for r in o.rows.values() if r[schema.PHASE] == "final"]
+        rows = [r for r in o.rows.values() if r[schema.PHASE] == "final" and r[schema.PROTOCOL] == "holdout"]
         assert all(r[schema.MAP_AT_R] == pytest.approx(o.best_params["quality"] / 2) for r in rows)
     # diverged / failed rows carry their reason; a pruned row stopped before the last epoch
     by_plan = {p: cell_a[cell_a[schema.TRIAL_ID] == t].iloc[0] for t, p in planted.items()}
@@ -228,7 +255,8 @@ def test_end_to_end_rows_statuses_final_and_resume(ray_local: Path, spaces: Path
     # rerun the same command: nothing reruns, no duplicate rows, same row ids
     before = {p.name for p in (out / spec.sweep_id / "rows").iterdir()}
     starts = (ray_local / "starts.log").read_text().splitlines()
-    assert len(starts) == 12 and len(set(starts)) == 12, "a trial started twice in the first run"
+    # 8 search trials of one model each, 4 final trials of 3 fold models each
+    assert len(starts) == 8 + 12 and len(set(starts)) == 20, "a model started twice in the first run"
     sweep.run(spec, train_fn=fake_train, echo=lines.append)
     assert (ray_local / "starts.log").read_text().splitlines() == starts, "the rerun started a trial again"
     df2, _ = store.read_rows(out)

@@ -57,6 +57,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     test_metrics: dict[str, float] | None = None
     stopped_early: bool = False
+    #: the primary test-split embedding the test metrics were computed on (final phase; rows of the
+    #: split's test images in index order), for the concatenation of a seed's fold models
+    test_embedding: Tensor | None = None
 
 
 # ---- small utilities ---------------------------------------------------------------------
@@ -255,6 +258,7 @@ def embed_indices(
 def evaluate_indices(
     method: Method, data: TrialData, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
     query_gallery: bool = False, step: int = 0, clustering: bool = True, cluster_keys: set[str] | None = None,
+    keep: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery).
 
@@ -266,6 +270,8 @@ def evaluate_indices(
     from dmlbench.evaluation import evaluate_embeddings
 
     embs = embed_indices(method, data.table, indices, cfg, device, data.source.embedded)
+    if keep is not None:  # the caller keeps the embeddings (the final phase's fold-model concatenation)
+        keep.update(embs)
     for key, emb in embs.items():
         if not bool(torch.isfinite(emb).all()):
             raise Diverged(step, float("nan"), {f"non-finite {key or 'primary'} embeddings": float("nan")})
@@ -732,6 +738,7 @@ class Trainer:
         cfg, data = self.cfg, self.data
         has_val = data.split.val is not None
         test_metrics = None
+        test_embedding: Tensor | None = None
         if cfg.phase == "final" and data.split.test is not None:
             if has_val and self.ckpt_dir is not None and (self.ckpt_dir / "best.pt").exists():
                 best = load_checkpoint(self.ckpt_dir / "best.pt", cfg)
@@ -740,9 +747,12 @@ class Trainer:
             elif has_val and self.best_epoch != self.epoch:
                 print("note: no checkpoint folder, so the test split is scored at the last epoch, not the best.",
                       file=sys.stderr)
+            kept: dict[str, Tensor] = {}
             test_metrics = evaluate_indices(
-                self.method, data, data.split.test, cfg, self.device, query_gallery=data.source.query_gallery
+                self.method, data, data.split.test, cfg, self.device, query_gallery=data.source.query_gallery,
+                keep=kept,
             )
+            test_embedding = kept.get("")
         if cfg.phase == "final" and test_metrics is not None:
             metrics, split, best_epoch = test_metrics, "test", (self.best_epoch if has_val else self.epoch)
         else:
@@ -751,5 +761,5 @@ class Trainer:
             cfg=cfg, metrics=dict(metrics), eval_split=split, best_epoch=best_epoch, epochs_run=self.epoch,
             steps=self.step, wall_time_s=time.time() - self.t_start, split_hash=data.manifest.hash,
             pretrained_id=getattr(self.method.backbone, "pretrained_id", "none"), history=self.history,
-            test_metrics=test_metrics, stopped_early=self.stopped_early,
+            test_metrics=test_metrics, stopped_early=self.stopped_early, test_embedding=test_embedding,
         )

@@ -173,6 +173,13 @@ class Method(nn.Module):
         anything, e.g. its first LR milestone; ASHA never prunes earlier. Default: 1."""
         return 1
 
+    @classmethod
+    def space_bounds(cls, base: dict[str, Any], n_train_images: int) -> dict[str, float]:
+        """Upper bounds of searched params for a run of ``base`` settings on ``n_train_images``
+        training images (DiVA: its queue holds at most the training set); the planner narrows the
+        cell's search space with them. Default: none."""
+        return {}
+
     #: method params that switch the method's own LR schedule off (the ``mlrc`` protocol trains
     #: every method with one common constant LR); they are then not searched either
     own_schedule_off: ClassVar[dict[str, Any]] = {}

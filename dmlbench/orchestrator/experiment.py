@@ -23,17 +23,19 @@ from ray import tune
 from dmlbench.errors import DmlbenchError, SweepInterrupted
 from dmlbench.orchestrator import cluster, interrupts
 from dmlbench.orchestrator.planning import (
+    asha_rungs,
     cell_base,
     cell_seed,
     cell_settings,
     cell_space,
     final_seeds,
     search_concurrency,
+    search_folds,
 )
 from dmlbench.orchestrator.rows import build_row, sampled_params
 from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name
 from dmlbench.orchestrator.sweepdir import sweep_dir, write_progress
-from dmlbench.orchestrator.trainable import TIME_ATTR, TrainFn, run_trial
+from dmlbench.orchestrator.trainable import ERROR_KEY, STATUS_KEY, SUMMARY_KEY, TIME_ATTR, TrainFn, run_trial
 from dmlbench.results import schema, store
 
 log = logging.getLogger(__name__)
@@ -58,25 +60,54 @@ class RowSink:
     phase: str
     base: dict[str, Any]
     experiment: str
+    #: the trials train several fold models (their search row has fold NULL)
+    group: bool = False
 
-    def row(self, trial: Any) -> dict[str, Any]:
-        """Build and write the row of a terminal trial; returns it."""
+    def rows(self, trial: Any) -> list[dict[str, Any]]:
+        """Build and write the rows of a terminal trial; returns them. A final trial of fold models
+        gives one row per fold model and one for their concatenated embedding; any other trial one."""
         from dmlbench.search_spaces.loader import build_trial_config
 
         params = sampled_params(dict(trial.config))
         final = self.phase == "final"
         seed = int(params.pop("seed", self.base["seed"])) if final else int(self.base["seed"])
-        fold = int(params.pop("fold", self.base["fold"])) if final else self.base["fold"]
-        base = {**self.base, "seed": seed, "fold": fold}
-        try:
-            cfg_json: str | None = build_trial_config(base, params).to_json()
-        except DmlbenchError:
-            cfg_json = None
+        params.pop("fold", None)
+        base = {**self.base, "seed": seed}
+        last = dict(trial.last_result or {})
         error = _error_text(trial) if trial.status == "ERROR" else None
-        row = build_row(self.spec, self.cell, self.phase, trial.trial_id, cfg_json, params,
-                        dict(trial.last_result or {}), error, seed, fold, base)  # fmt: skip
-        store.write_row(sweep_dir(self.spec) / store.ROWS_DIR, row)
-        return row
+        summary = json.loads(last.get(SUMMARY_KEY) or "{}")
+        out_dir = sweep_dir(self.spec) / store.ROWS_DIR
+
+        def config_json(b: dict[str, Any]) -> str | None:
+            try:
+                return build_trial_config(b, params).to_json()
+            except DmlbenchError:
+                return None
+
+        parts = summary.get("folds") if final and last.get(STATUS_KEY) == "complete" else None
+        if not parts:
+            row = build_row(self.spec, self.cell, self.phase, trial.trial_id, config_json(base), params, last, error,
+                            seed, None if self.group else base["fold"], base)  # fmt: skip
+            store.write_row(out_dir, row)
+            return [row]
+        rows = []
+        for part in parts:
+            fb = {**base, "fold": part["fold"]}
+            fold_last = {**last, SUMMARY_KEY: json.dumps(part)}
+            rows.append(build_row(self.spec, self.cell, self.phase, trial.trial_id, config_json(fb), params, fold_last,
+                                  None, seed, part["fold"], fb, row_suffix=f"-f{part['fold']}"))  # fmt: skip
+        dim = int(base.get("embedding_dim") or 0) * len(parts)
+        concat = summary.get("concatenated")
+        concat_summary = {**summary, "metrics": concat or {}, "test_metrics": concat or None}
+        concat_last = {**last, SUMMARY_KEY: json.dumps(concat_summary)}
+        if concat is None:
+            concat_last.update({STATUS_KEY: "failed", ERROR_KEY: summary.get("concatenated_error", "no concatenation")})
+        rows.append(build_row(self.spec, self.cell, self.phase, trial.trial_id,
+                              config_json({**base, "fold": parts[0]["fold"]}), params, concat_last, None, seed, None,
+                              {**base, "embedding_dim": dim}, concatenated=True, row_suffix="-concat"))  # fmt: skip
+        for row in rows:
+            store.write_row(out_dir, row)
+        return rows
 
 
 class RowCallback(tune.Callback):  # type: ignore[misc]
@@ -99,7 +130,7 @@ class RowCallback(tune.Callback):  # type: ignore[misc]
 
     def _ended(self, trial: Any) -> None:
         try:
-            self.sink.row(trial)
+            self.sink.rows(trial)
         except DmlbenchError as err:
             log.warning("row of trial %s not written yet (%s); retried when the experiment ends", trial.trial_id, err)
         self._progress(trial.trial_id, False)
@@ -135,10 +166,13 @@ def _cell_split_hash(base: dict[str, Any]) -> str | None:
         return None
 
 
-def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None) -> Any:
-    """``run_trial`` bound to the cell's defaults, with the trial's resource request."""
+def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None,
+              folds: list[int | None] | None = None, stops: list[int] | None = None) -> Any:  # fmt: skip
+    """``run_trial`` bound to the cell's defaults and the folds of its models (search: the search
+    folds, chunked at ASHA's rungs ``stops``; final: every fold, or one full-train model), with the
+    trial's resource request."""
     fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn,
-                              split_hash=_cell_split_hash(base))  # fmt: skip
+                              split_hash=_cell_split_hash(base), folds=folds, stops=stops)  # fmt: skip
     res: dict[str, float] = {"cpu": spec.cpus_per_trial}
     if spec.gpus_per_trial:  # resolved by cluster.resolve_resources before any experiment starts
         res["gpu"] = spec.gpus_per_trial
@@ -195,8 +229,8 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
         if trial.status not in ("TERMINATED", "ERROR"):
             unfinished += 1
             continue
-        row = sink.row(trial)
-        out.rows[row[schema.ROW_ID]] = row
+        for row in sink.rows(trial):
+            out.rows[row[schema.ROW_ID]] = row
     write_progress(sweep_dir(spec), sink.experiment, set())
     if unfinished or interrupts.requested():
         raise SweepInterrupted(
@@ -218,8 +252,11 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
         override = spec.search_space
     space = cell_space(spec, load_space(cell.method, override), cell)
     base = cell_base(spec, cell, "search")
-    sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell))
-    fn = trainable(spec, base, train_fn)
+    st = cell_settings(spec, cell)
+    folds: list[int | None] = list(search_folds(spec))
+    # a row of a group stands for its fold models (fold NULL; each model's score is in its metrics)
+    sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell), group=len(folds) > 1)
+    fn = trainable(spec, base, train_fn, folds=folds, stops=asha_rungs(st.grace, spec.reduction_factor, st.epochs))
 
     def make() -> Any:
         search: Any = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
@@ -227,7 +264,6 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
         limit = search_concurrency(spec)
         if limit:
             search = ConcurrencyLimiter(search, max_concurrent=limit)
-        st = cell_settings(spec, cell)
         asha = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=st.epochs,
                              grace_period=st.grace, reduction_factor=spec.reduction_factor)  # fmt: skip
         return tune.Tuner(
@@ -244,20 +280,20 @@ def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn
               out: CellOutcome) -> None:  # fmt: skip
     """The cell's final phase: a grid over the final seeds with the best params, no searcher, no pruning.
 
-    Seed ``i`` trains on the training classes minus validation fold ``i mod folds`` and selects its
-    checkpoint (early stopping, CCP stages) on that fold, so nothing is ever selected on test data;
-    it is evaluated once on the test split.
+    Each seed's trial trains every fold model (train minus fold i, checkpoint selected on fold i:
+    early stopping, CCP stages), so nothing is ever selected on test data, and scores each once on
+    the test split; its rows are one per fold model and one for their concatenated embedding
+    (:mod:`dmlbench.orchestrator.folds`). A ``paper`` cell without fold models trains one model on
+    all training classes per seed, scored on test at its last epoch.
     """
+    st = cell_settings(spec, cell)
     base = cell_base(spec, cell, "final")
+    folds: list[int | None] = list(range(spec.folds)) if st.fold_models else [None]
+    if len(folds) > 1:
+        base = {**base, "fold": None}
     sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
-    fn = trainable(spec, base, train_fn)
-    seeds = final_seeds(spec)
-    fold_of = {s: i % spec.folds for i, s in enumerate(seeds)}
-    param_space = {
-        **best_params,
-        "seed": tune.grid_search(seeds),
-        "fold": tune.sample_from(lambda config: fold_of[config["seed"]]),
-    }
+    fn = trainable(spec, base, train_fn, folds=folds)
+    param_space = {**best_params, "seed": tune.grid_search(final_seeds(spec))}
 
     def make() -> Any:
         return tune.Tuner(

@@ -389,6 +389,21 @@ def protocol_label(spec: SweepSpec, concatenated: bool = False) -> str:
     return f"{label}-concat{spec.folds}" if concatenated else label
 
 
+def asha_rungs(grace: int, reduction_factor: int, max_t: int) -> list[int]:
+    """The epochs where ASHA compares trials (``grace · rf^i < max_t``): a fold-model group's chunks
+    end there, so every fold model has reached the rung when the group reports its fold mean.
+
+    Example:
+        >>> asha_rungs(3, 2, 30)
+        [3, 6, 12, 24]
+    """
+    out, r = [], grace
+    while r < max_t:
+        out.append(r)
+        r *= reduction_factor
+    return out
+
+
 def search_concurrency(spec: SweepSpec) -> int | None:
     """Search trials of one cell running at once: 1 with ``reproducible`` (decisions in trial order)."""
     return 1 if spec.reproducible else spec.max_concurrent
@@ -668,9 +683,29 @@ def cell_space(spec: SweepSpec, space: Any, cell: Cell | None = None) -> Any:
             locked.add("embedding_dim")
         if not embedded and spec.protocol == "mlrc":
             locked |= set(MLRC_COMMON) | {"iters_per_epoch"} | set(method_cls.own_schedule_off)
+        cell_base_ = cell_settings(spec, cell).base
+        n_train = _train_images(cell, cell_base_, spec, full_train=False)
+        if n_train:
+            space = _bounded(space, method_cls.space_bounds(cell_base_, n_train), cell)
         if spec.recipe_wins:
             preset = dict(getattr(ds_cls, "preset", {}) or {})
             rec = dict(method_cls.recommended(cell.dataset, embedded))
             locked |= {k for k in (*preset, *rec) if k != "params"}
             locked |= set(preset.get("params") or {}) | set(rec.get("params") or {})
     return space.without(frozenset(locked))
+
+
+def _bounded(space: Any, bounds: dict[str, float], cell: Cell) -> Any:
+    """The space with each searched param's ``high`` lowered to its bound (Method.space_bounds)."""
+    params = []
+    for p in space.params:
+        bound = bounds.get(p.name)
+        if bound is not None and p.high is not None and p.high > bound:
+            if p.low is not None and bound < p.low:
+                raise ConfigError(
+                    f"{cell.key}: {p.name} must stay <= {bound:g} here, below the space's low {p.low:g}; "
+                    f"lower it in the search space ({space.source})."
+                )
+            p = p.model_copy(update={"high": float(bound)})
+        params.append(p)
+    return space.model_copy(update={"params": tuple(params)})

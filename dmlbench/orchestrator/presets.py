@@ -2,7 +2,9 @@
 
 ``smoke`` is sized so that ``make sweep`` (nivmf, ccp, diva, proxyanchor × synthetic, digits:
 8 cells) finishes in under 10 minutes on a 2-core CPU while still exercising the search (3 trials
-per cell), ASHA pruning (grace 1 epoch, 2 epochs, reduction 2) and the final phase (2 seeds).
+per cell of one hold-out model each: ``search_folds 1``, rows labelled ``holdout``), ASHA pruning
+(grace 1 epoch or what a method needs, 2 epochs, reduction 2) and the final phase (2 seeds x 3
+fold models, plus their concatenated embedding).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reduction_factor": 2,
         "final_seeds": 2,
         "folds": 3,
+        "search_folds": 1,  # one model per search trial keeps the CPU smoke run short
         "recipe_wins": True,  # digits has 6 training classes: 3 folds of 2 classes
         "cpus_per_trial": 1.0,
         "gpus_per_trial": 0.0,

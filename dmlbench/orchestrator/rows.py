@@ -65,9 +65,11 @@ def build_row(
     fold: int | None,
     base: dict[str, Any],
     concatenated: bool = False,
+    row_suffix: str = "",
 ) -> dict[str, Any]:
     """One schema row for a terminal trial (``concatenated``: the row of a final seed's
-    concatenated fold-model embedding)."""
+    concatenated fold-model embedding; ``row_suffix`` tells apart the rows of one trial: ``-f<i>``
+    per fold model, ``-concat``; the ``trial_id`` column stays the trial's)."""
     status = classify(last, errored=error is not None)
     summary: dict[str, Any] = json.loads(last.get(SUMMARY_KEY) or "{}")
     best: dict[str, float] = json.loads(last.get(BEST_KEY) or "{}")
@@ -96,7 +98,7 @@ def build_row(
     err = error or (str(last.get(ERROR_KEY)) if last.get(ERROR_KEY) else None)
     settings = cell_settings(spec, cell)
     row: dict[str, Any] = {
-        schema.ROW_ID: row_id(spec, cell, phase, trial_id),
+        schema.ROW_ID: row_id(spec, cell, phase, trial_id + row_suffix),
         schema.SWEEP_ID: spec.sweep_id,
         schema.CELL: cell.key,
         schema.TRIAL_ID: trial_id,

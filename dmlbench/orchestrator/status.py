@@ -54,10 +54,15 @@ def sweep_status(results_dir: Path) -> list[CellStatus]:
         except DmlbenchError:
             pass
         for cell in spec.cells():
-            for phase, planned in (("search", spec.trials), ("final", spec.final_seeds)):
+            searched = spec.protocol == "mlrc"  # the paper protocol runs recipes: no search phase
+            for phase, planned in (("search", spec.trials if searched else 0), ("final", spec.final_seeds)):
                 if planned == 0:
                     continue
-                mine = [r for r in rows if r[schema.CELL] == cell.key and r[schema.PHASE] == phase]
+                # one trial per row, except a final trial of fold models: k fold rows + one
+                # concatenated row (protocol ...-concat<k>); count its first row only
+                mine = [r for r in rows if r[schema.CELL] == cell.key and r[schema.PHASE] == phase
+                        and "-concat" not in str(r[schema.PROTOCOL] or "")]  # fmt: skip
+                mine = list({r[schema.TRIAL_ID]: r for r in reversed(mine)}.values())
                 prog = path.parent / PROGRESS_DIR / f"{experiment_name(spec, cell, phase)}.json"
                 running = len(json.loads(prog.read_text())["running"]) if prog.exists() else 0
                 times = [float(r[schema.WALL_TIME_S]) for r in mine if r[schema.WALL_TIME_S] == r[schema.WALL_TIME_S]

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dmlbench.errors import ConfigError, SweepIncomplete, SweepInterrupted
 from dmlbench.orchestrator import cluster
@@ -150,7 +150,8 @@ def incomplete_cells(outcomes: list[CellOutcome], spec: SweepSpec) -> list[str]:
 
 
 def summary_table(outcomes: list[CellOutcome], spec: SweepSpec) -> str:
-    """Plain text: per cell, trial statuses, best val metric, final test mean ± std over seeds."""
+    """Plain text: per cell, trial statuses, best val metric, final test mean ± std over seeds (each
+    seed the mean of its fold models)."""
     import statistics
 
     head = f"{'cell':<36} {'complete':>8} {'pruned':>6} {'diverged':>8} {'failed':>6} {'val ' + spec.metric:>14} {'test ' + spec.metric:>18}"
@@ -158,8 +159,13 @@ def summary_table(outcomes: list[CellOutcome], spec: SweepSpec) -> str:
     for o in outcomes:
         search = [r for r in o.rows.values() if r[schema.PHASE] == "search"]
         counts = {s: sum(r[schema.STATUS] == s for r in search) for s in schema.STATUSES}
-        finals = [r.get(spec.metric) for r in o.rows.values()
-                  if r[schema.PHASE] == "final" and r[schema.STATUS] == "complete" and r.get(spec.metric) is not None]  # fmt: skip
+        # per seed, the mean of its fold models ("separate"; concatenated rows are another table)
+        per_seed: dict[Any, list[float]] = {}
+        for r in o.rows.values():
+            if (r[schema.PHASE] == "final" and r[schema.STATUS] == "complete" and r.get(spec.metric) is not None
+                    and "-concat" not in str(r[schema.PROTOCOL])):  # fmt: skip
+                per_seed.setdefault(r[schema.SEED], []).append(float(r[spec.metric]))
+        finals = [statistics.mean(v) for v in per_seed.values()]
         val = f"{o.best_score:.4f}" if o.best_score is not None else "-"
         if len(finals) >= 2:
             test = f"{statistics.mean(finals):.4f}±{statistics.stdev(finals):.4f}"

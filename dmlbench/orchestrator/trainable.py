@@ -12,7 +12,10 @@ a final report the driver makes a row of:
   sampled combination would fail again).
 
 Every report also carries ``dmlbench_best`` (JSON of the best metrics so far), so a trial that
-ASHA stops still has its best epoch on record.
+ASHA stops still has its best epoch on record, and the metric the searcher and ASHA read is the
+best validation value so far (the epoch's own value is ``current/<metric>``): a pruned trial hands
+TPE its best-so-far score. A trial of several fold models reports their fold mean
+(:mod:`dmlbench.orchestrator.folds`).
 """
 
 from __future__ import annotations
@@ -60,14 +63,15 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def restore_checkpoint(output_dir: Path) -> bool:
-    """Copy the checkpoint Tune hands back (after a worker failure / restore) into ``output_dir/checkpoints``."""
+def restore_checkpoint(output_dir: Path, subdir: str = "checkpoints") -> bool:
+    """Copy the checkpoint Tune hands back (after a worker failure / restore) into
+    ``output_dir/subdir`` (a fold-model group's checkpoint is its whole work folder: ``subdir=""``)."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
     if ckpt is None:
         return False
-    dest = output_dir / "checkpoints"
+    dest = output_dir / subdir if subdir else output_dir
     dest.mkdir(parents=True, exist_ok=True)
     with ckpt.as_directory() as src:
         shutil.copytree(src, dest, dirs_exist_ok=True)
@@ -91,8 +95,15 @@ def run_trial(
     metric: str,
     train_fn: TrainFn | None = None,
     split_hash: str | None = None,
+    folds: list[int | None] | None = None,
+    stops: list[int] | None = None,
 ) -> None:
     """Tune function trainable: one trial of one cell (search or final phase).
+
+    A trial trains one model per entry of ``folds`` (:mod:`dmlbench.orchestrator.folds`): search
+    trials report the fold mean of the models' best validation metrics so far (chunks ending at
+    ASHA's rungs ``stops``); a final trial trains every fold model, scores each once on test, and
+    its summary holds each model's summary and the metrics of their concatenated embedding.
 
     Args:
         config: what Tune/Optuna sampled (+ the space's fixed values; ``seed`` in the final phase).
@@ -101,6 +112,8 @@ def run_trial(
         train_fn: ``train(cfg, report)``; default :func:`dmlbench.engine.train`.
         split_hash: the cell's fold-manifest hash, computed once by the driver (every report
             carries it, so pruned trials' rows have it too).
+        folds: the validation folds of the trial's models (None: the base config's one fold).
+        stops: epochs where a group's chunks end (ASHA's rungs; search only).
     """
     from ray import tune
 
@@ -134,7 +147,8 @@ def run_trial(
     if train_fn is None:
         from dmlbench.engine import train as train_fn
 
-    restore_checkpoint(output_dir)
+    group = folds is not None and len(folds) > 1
+    restore_checkpoint(output_dir, "" if group else "checkpoints")
 
     def report(epoch: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         clean = _finite(metrics)
@@ -148,16 +162,27 @@ def run_trial(
             # ASHA's time attribute; left out of the last epoch's report so the scheduler never stops
             # a trial that already trained fully (it then sends its final report and is "complete")
             payload[TIME_ATTR] = epoch
+        # the searcher and ASHA read the best validation value so far (a trial ASHA stops hands
+        # TPE its best, not its last epoch); the epoch's own value stays under current/<metric>
+        if metric in clean:
+            payload[f"current/{metric}"] = clean[metric]
+            payload[metric] = best[metric]
         payload.setdefault(metric, PENALTY)
         # only a folder that holds a resumable checkpoint is handed to Tune (the engine may name
         # its checkpoint folder before the first save, e.g. at the epoch-0 evaluation)
-        if checkpoint_dir and (Path(checkpoint_dir) / "last.pt").is_file():
+        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+        if ckpt is not None and ((ckpt / "last.pt").is_file() or any(ckpt.glob("fold*/checkpoints/last.pt"))):
             tune.report(payload, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         else:
             tune.report(payload)
 
     try:
-        result = train_fn(cfg, report)
+        if group:
+            assert folds is not None
+            summary = _train_group(cfg, folds, train_fn, metric, report, stops or [], output_dir)
+        else:
+            cfg = cfg.replace(fold=folds[0]) if folds is not None and folds[0] != cfg.fold else cfg
+            summary = summarise(train_fn(cfg, report))
     except Diverged as err:
         final("diverged", str(err))
         return
@@ -167,4 +192,40 @@ def run_trial(
         tb = traceback.format_exception_only(type(err), err)[-1].strip()
         final("failed", tb)
         return
-    final("complete", summary=summarise(result))
+    final("complete", summary=summary)
+
+
+def _train_group(cfg: Any, folds: list[int | None], train_fn: TrainFn, metric: str, report: Any,
+                 stops: list[int], output_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Train a fold-model group; its summary (search: fold-mean metrics; final: per-fold summaries
+    under ``folds`` and the concatenated embedding's metrics under ``concatenated``)."""
+    from dmlbench.orchestrator.folds import concatenated_metrics, fold_configs, fold_mean, train_folds
+
+    final_phase = cfg.phase == "final"
+    models = train_folds(fold_configs(cfg, folds), train_fn, metric, report=report,
+                         stops=[] if final_phase else stops, checkpoint_dir=str(output_dir))  # fmt: skip
+    parts = [summarise(m.result) for m in models]
+    for part, m in zip(parts, models, strict=True):
+        part["fold"] = m.cfg.fold
+    summary: dict[str, Any] = {
+        "eval_split": "test" if final_phase else "val",
+        "best_epoch": None,
+        "epochs_run": max(int(p.get("epochs_run") or 0) for p in parts),
+        "steps": sum(int(p.get("steps") or 0) for p in parts),
+        "wall_time_s": sum(float(p.get("wall_time_s") or 0.0) for p in parts),
+        "split_hash": parts[0].get("split_hash"),
+        "pretrained_id": parts[0].get("pretrained_id"),
+        "metrics": fold_mean([p["metrics"] for p in parts]),
+        "test_metrics": None,
+    }
+    for part in parts:  # each model's selected validation score next to their mean
+        if metric in part["metrics"]:
+            summary["metrics"][f"fold{part['fold']}/{metric}"] = part["metrics"][metric]
+    if final_phase:
+        summary["folds"] = parts
+        embs = [getattr(m.result, "test_embedding", None) for m in models]
+        if any(e is None for e in embs):
+            summary["concatenated_error"] = "the fold models' results carry no test embeddings to concatenate"
+        else:
+            summary["concatenated"] = _finite(concatenated_metrics(cfg, embs))
+    return summary
