@@ -126,9 +126,6 @@ def test_mlrc_sweep_rows_fold_mean_search_and_concatenated_final(tmp_path: Path,
     pytest.importorskip("ray")
     import json
 
-    import ray
-
-    from dmlbench.orchestrator import sweep
     from dmlbench.orchestrator.spec import SweepSpec
     from dmlbench.results import schema, store
 
@@ -136,17 +133,7 @@ def test_mlrc_sweep_rows_fold_mean_search_and_concatenated_final(tmp_path: Path,
     spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), trials=2, epochs=2, grace_period=1,
                      final_seeds=1, folds=3, output=str(tmp_path / "out"), trial_base=base)  # fmt: skip
     assert [c.backbone for c in spec.cells()] == ["tiny"]
-    import tempfile
-
-    ray_tmp = tempfile.mkdtemp(prefix="rf")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp)
-    try:
-        sweep.run(spec, echo=lambda s: None)
-    finally:
-        ray.shutdown()
-        import shutil
-
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    run_on_local_ray(spec)
     df, warnings = store.read_rows(tmp_path / "out")
     assert warnings == []
     search = df[df[schema.PHASE] == "search"]
@@ -162,3 +149,22 @@ def test_mlrc_sweep_rows_fold_mean_search_and_concatenated_final(tmp_path: Path,
     assert set(final[schema.STATUS]) == {"complete"} and set(final[schema.EVAL_SPLIT]) == {"test"}
     assert int(concat.iloc[0][schema.EMBEDDING_DIM]) == 3 * 16 and concat.iloc[0][schema.MAP_AT_R] > 0
     assert (final[schema.BUDGET_CAPPED] == True).all()  # noqa: E712  (the preset's 8 epochs capped to 2)
+
+
+def run_on_local_ray(spec: Any) -> None:
+    """``sweep.run(spec)`` on a private local Ray (2 CPUs, a short temp dir: Ray's socket paths
+    have a length limit), shut down and removed afterwards."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from dmlbench.orchestrator import sweep
+
+    ray_tmp = tempfile.mkdtemp(prefix="rf")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp)
+    try:
+        sweep.run(spec, echo=lambda s: None)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -6,15 +6,14 @@ engine on digits (tiny backbone, a few steps)."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from dmlbench.orchestrator import planning, sweep
+from dmlbench.orchestrator import planning
 from dmlbench.orchestrator.spec import SweepSpec
 from dmlbench.results import schema, store
+from tests.test_folds import run_on_local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +23,11 @@ BASE = {"image_size": 16, "embedding_dim": 16, "iters_per_epoch": 2, "classes_pe
 
 
 def run_once(out: Path) -> list[tuple[str, str, str, float | None]]:
-    import ray
-
     spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), trials=4, epochs=3, grace_period=1,
                      final_seeds=1, folds=3, search_folds=1, reproducible=True, seed=5, output=str(out),
                      trial_base=BASE)  # fmt: skip
     assert planning.search_concurrency(spec) == 1
-    ray_tmp = tempfile.mkdtemp(prefix="rr")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp)
-    try:
-        sweep.run(spec, echo=lambda s: None)
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    run_on_local_ray(spec)
     df, _ = store.read_rows(out)
     df = df.sort_values(schema.CREATED_AT, kind="stable")
     out_rows = []

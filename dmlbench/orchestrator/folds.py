@@ -59,8 +59,14 @@ def fold_configs(cfg: TrialConfig, folds: Sequence[int | None]) -> list[TrialCon
     return out
 
 
-def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    out = {}
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are finite numbers, as floats.
+
+    Example:
+        >>> finite_metrics({"a": 1, "b": float("nan"), "c": "x"})
+        {'a': 1.0}
+    """
+    out: dict[str, float] = {}
     for k, v in metrics.items():
         try:
             f = float(v)
@@ -143,7 +149,7 @@ def train_folds(
 
             def rep(epoch: int, metrics: dict[str, float], ckpt: str | None, m: FoldModel = m,
                     stop: float = stop) -> None:  # fmt: skip
-                clean = _finite(metrics)
+                clean = finite_metrics(metrics)
                 if metric in clean:
                     m.evals[int(epoch)] = clean
                 if epoch >= stop:

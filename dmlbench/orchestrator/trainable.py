@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlbench.errors import Diverged
+from dmlbench.orchestrator.folds import finite_metrics as _finite
 
 STATUS_KEY = "dmlbench_status"
 BEST_KEY = "dmlbench_best"
@@ -49,18 +50,6 @@ def is_oom(err: BaseException) -> bool:
     """CUDA (or CPU allocator) out-of-memory errors."""
     name = type(err).__name__
     return name == "OutOfMemoryError" or "out of memory" in str(err).lower()
-
-
-def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(f):
-            out[k] = f
-    return out
 
 
 def restore_checkpoint(output_dir: Path, subdir: str = "checkpoints") -> bool:
