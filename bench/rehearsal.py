@@ -10,7 +10,8 @@ layouts with the real numbers of classes and images, 16x16 JPEGs):
    ``cached_table`` builds; reused by later trials and sweeps with the same cache folder) and prints
    build time and size on disk;
 4. unless ``--data-only``: runs ``dmlbench sweep --methods nivmf,ccp,diva --datasets all --data-root
-   <stand-ins> --preset smoke --preflight`` with the same cache folder and prints its total time.
+   <stand-ins> --preset smoke --allow-cpu --preflight`` (``--datasets`` as given; ``--subset`` below
+   scale 1) with the same cache folder and prints its total time.
 
 Run from the repository root::
 
@@ -40,7 +41,7 @@ from tests.fixtures.standins import build, du  # noqa: E402
 
 #: the smoke preset trains on CPU, which a benchmark sweep refuses without --allow-cpu (the preflight
 #: applies the sweep's own resource checks)
-PREFLIGHT = ["sweep", "--methods", "nivmf,ccp,diva", "--datasets", "all", "--preset", "smoke", "--allow-cpu", "--preflight"]
+PREFLIGHT = ["sweep", "--methods", "nivmf,ccp,diva", "--preset", "smoke", "--allow-cpu", "--preflight"]
 
 
 def main() -> int:
@@ -90,7 +91,9 @@ def main() -> int:
         print(f"total {time.perf_counter() - start:.1f} s")
         return 0
 
-    cmd = [sys.executable, "-m", "dmlbench.cli", *PREFLIGHT, "--data-root", str(args.standins), "--wide"]
+    every = set(names) == {"cub200", "cars196", "sop", "inshop"}
+    cmd = [sys.executable, "-m", "dmlbench.cli", *PREFLIGHT, "--datasets", "all" if every else ",".join(names),
+           "--data-root", str(args.standins), "--wide"]  # fmt: skip
     if args.scale != 1.0:
         cmd.append("--subset")  # a scaled set does not have the full-size counts
     out = Path(tempfile.mkdtemp(prefix="dmlbench-rehearsal-"))  # the preflight writes no rows; nothing lands in results/
