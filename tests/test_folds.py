@@ -168,3 +168,23 @@ def run_on_local_ray(spec: Any) -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_paper_sweep_runs_recipes_without_search(tmp_path: Path) -> None:
+    """``--protocol paper`` on digits: nivMF trains once on all training classes (scored on test at
+    the last epoch); CCP, whose paper used val-selected fold models, trains them and their
+    concatenation; no search rows."""
+    pytest.importorskip("ray")
+    from dmlbench.orchestrator import sweep
+    from dmlbench.results import schema, store
+
+    spec = sweep.build_spec(methods="nivmf,ccp", datasets="digits", preset="smoke", final_seeds=1,
+                            output=str(tmp_path / "out"), protocol="paper")  # fmt: skip
+    run_on_local_ray(spec)
+    df, _ = store.read_rows(tmp_path / "out")
+    assert set(df[schema.PHASE]) == {"final"} and set(df[schema.STATUS]) == {"complete"}
+    nivmf, ccp = df[df[schema.METHOD] == "nivmf"], df[df[schema.METHOD] == "ccp"]
+    assert len(nivmf) == 1 and nivmf[schema.FOLD].isna().all() and set(nivmf[schema.PROTOCOL]) == {"paper"}
+    assert nivmf.iloc[0][schema.PAPER_SELECTION] and nivmf.iloc[0][schema.EXTRAPOLATED]  # embedded stand-in
+    assert sorted(ccp[schema.PROTOCOL]) == ["paper"] * 3 + ["paper-concat3"]

@@ -231,3 +231,16 @@ def test_diva_refuses_a_queue_larger_than_the_training_set() -> None:
                                  "params": {"n_key_batches": 1000, "decorr_hidden": 8}})  # fmt: skip
     with pytest.raises(ConfigError, match="larger than the .* training images"):
         train(cfg)
+
+
+def test_paper_cells_need_no_search_to_be_complete() -> None:
+    from types import SimpleNamespace
+
+    from dmlbench.orchestrator.sweep import incomplete_cells
+    from dmlbench.results import schema
+
+    spec = SweepSpec(methods=("nivmf",), datasets=("digits",), protocol="paper", folds=3)
+    done = SimpleNamespace(cell=spec.cells()[0], rows={"r": {schema.PHASE: "final", schema.STATUS: "complete"}})
+    assert incomplete_cells([done], spec) == []  # type: ignore[list-item]
+    mlrc = spec.model_copy(update={"protocol": "mlrc"})
+    assert incomplete_cells([done], mlrc) == ["nivmf/digits/tiny (search)"]  # type: ignore[list-item]

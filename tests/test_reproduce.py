@@ -163,3 +163,15 @@ def test_reproduce_end_to_end_with_the_engine(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     line = next(ln for ln in res.stdout.splitlines() if "MAP@R" in ln)
     assert "+0.0000" in line or "-0.0000" in line
+
+
+def test_reproduce_refuses_a_row_of_several_fold_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search row of a fold-model group (fold NULL, its config one fold) or a concatenated row is
+    not one run: re-running its config would compare one model with a mean (issue 17)."""
+    cfg = tiny_cfg().replace(fold=0)
+    row = make_row("sw1-ccp-digits-final-s0-concat", dataset="digits", backbone="tiny", config_json=cfg.to_json(),
+                   fold=None, protocol="mlrc-concat3", map_at_r=0.4)  # fmt: skip
+    write_fixture(tmp_path / "res", [*fixture_rows(), row])
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("must not train"))
+    res = runner.invoke(app, ["reproduce", "sw1-ccp-digits-final-s0-concat", str(tmp_path / "res")])
+    assert res.exit_code != 0 and "several fold models" in res.output + (res.stderr or "")

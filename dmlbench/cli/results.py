@@ -258,6 +258,11 @@ def reproduce_cmd(
         cfg = TrialConfig.from_json(config_json)
     except json.JSONDecodeError as err:
         raise DmlbenchError(f"row {row_id!r} has a config_json that is not valid JSON ({err.msg}).") from None
+    if pd.isna(row[schema.FOLD]) and cfg.fold is not None:
+        raise DmlbenchError(
+            f"row {row_id!r} stands for several fold models (a search trial's fold mean, or a seed's concatenated "
+            f"embedding), not one run; reproduce one of its fold models' rows instead (row ids ending in -f<i>)."
+        )
     console.rule(f"TrialConfig of {row_id}")
     console.print(cfg.to_yaml(), highlight=False, markup=False)
     if output_dir is None:

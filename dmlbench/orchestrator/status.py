@@ -60,13 +60,17 @@ def sweep_status(results_dir: Path) -> list[CellStatus]:
                     continue
                 # one trial per row, except a final trial of fold models: k fold rows + one
                 # concatenated row (protocol ...-concat<k>); count its first row only
-                mine = [r for r in rows if r[schema.CELL] == cell.key and r[schema.PHASE] == phase
-                        and "-concat" not in str(r[schema.PROTOCOL] or "")]  # fmt: skip
-                mine = list({r[schema.TRIAL_ID]: r for r in reversed(mine)}.values())
+                rows_of = [r for r in rows if r[schema.CELL] == cell.key and r[schema.PHASE] == phase
+                           and "-concat" not in str(r[schema.PROTOCOL] or "")]  # fmt: skip
+                mine = list({r[schema.TRIAL_ID]: r for r in reversed(rows_of)}.values())
                 prog = path.parent / PROGRESS_DIR / f"{experiment_name(spec, cell, phase)}.json"
                 running = len(json.loads(prog.read_text())["running"]) if prog.exists() else 0
-                times = [float(r[schema.WALL_TIME_S]) for r in mine if r[schema.WALL_TIME_S] == r[schema.WALL_TIME_S]
-                         and r[schema.WALL_TIME_S] is not None]  # fmt: skip
+                per_trial: dict[Any, float] = {}  # a trial's time: the sum over its fold-model rows
+                for r in rows_of:
+                    w = r[schema.WALL_TIME_S]
+                    if w is not None and w == w:
+                        per_trial[r[schema.TRIAL_ID]] = per_trial.get(r[schema.TRIAL_ID], 0.0) + float(w)
+                times = list(per_trial.values())
                 counts = {s: sum(r[schema.STATUS] == s for r in mine) for s in schema.STATUSES}
                 out.append(CellStatus(spec.sweep_id, cell.key, phase, planned, len(mine), running, counts,
                                       statistics.mean(times) if times else None))  # fmt: skip

@@ -142,7 +142,8 @@ def incomplete_cells(outcomes: list[CellOutcome], spec: SweepSpec) -> list[str]:
     out = []
     for o in outcomes:
         done = {r[schema.PHASE] for r in o.rows.values() if r[schema.STATUS] == "complete"}
-        phases = ["search"] + (["final"] if spec.final_seeds else [])
+        searched = spec.protocol == "mlrc"  # the paper protocol has no search phase
+        phases = (["search"] if searched else []) + (["final"] if spec.final_seeds else [])
         lacking = [ph for ph in phases if ph not in done]
         if lacking:
             out.append(f"{o.cell.key} ({' and '.join(lacking)})")
