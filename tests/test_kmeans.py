@@ -95,3 +95,22 @@ def test_nmi_close_to_pml_with_its_own_faiss_kmeans(classes: int, per_class: int
     want = calc.get_accuracy(torch.nn.functional.normalize(x, dim=1), y)["NMI"]
     got = evaluate_embeddings(x, y, metrics=("nmi",), seed=0)["nmi"]
     assert abs(got - want) < 0.05, (got, want)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_pruned_assignment_equals_full_search_every_iteration(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Searching only against moved centroids (for points whose centroid stayed) changes nothing."""
+    import dmlbench.evaluation.metrics as metrics_mod
+
+    x, _ = _blobs(4_000, 32, 400, noise=0.5, seed=5)
+    pruned = kmeans_assign(x, 400, seed=2, backend=backend)
+    full_step = metrics_mod._lloyd_step
+    searched: list[int] = []
+
+    def always_full(search, c, moved, assign, score):  # type: ignore[no-untyped-def]
+        searched.append(int(moved.sum()))
+        return full_step(search, c, moved, assign, None)
+
+    monkeypatch.setattr(metrics_mod, "_lloyd_step", always_full)
+    assert np.array_equal(kmeans_assign(x, 400, seed=2, backend=backend), pruned)
+    assert len(searched) >= 3 and searched[-1] < 400  # several iterations, the last ones moved few centroids

@@ -295,18 +295,25 @@ def kmeans_plus_plus(x: Tensor, n_clusters: int, seed: int, batch: int = _SEED_B
         >>> bool(abs(c[0, 0] - c[1, 0]) == 9.0)
         True
     """
+    return _kmeans_pp(x, n_clusters, seed, batch)[0]
+
+
+def _kmeans_pp(x: Tensor, n_clusters: int, seed: int, batch: int = _SEED_BATCH) -> tuple[Tensor, Tensor]:
+    """:func:`kmeans_plus_plus`, plus each row's nearest chosen row (its position in the choice,
+    int64 ``[N]``), which the ``D²`` refreshes find anyway: k-means' first assignment for free."""
     n = x.shape[0]
     rng = np.random.default_rng(seed)
     x_sq = (x * x).sum(1)
 
-    def nearest_d2(rows: np.ndarray) -> np.ndarray:
-        """min over ``rows`` of the squared distance of every row of x (float64 numpy ``[N]``)."""
+    def nearest_d2(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Squared distance of every row of x to its nearest of ``rows`` (float64) and which one."""
         r = torch.as_tensor(rows, device=x.device)
         block = torch.addmm(x_sq[r][None, :], x, x[r].T, alpha=-2)
-        return block.amin(1).add_(x_sq).clamp_(min=0).double().cpu().numpy()
+        best, which = block.min(1)
+        return best.add_(x_sq).clamp_(min=0).double().cpu().numpy(), which.cpu().numpy()
 
     chosen = [int(rng.integers(n))]
-    d2 = nearest_d2(np.array(chosen))
+    d2, near = nearest_d2(np.array(chosen))
     d2[chosen] = 0.0
     while len(chosen) < n_clusters:
         want = min(batch, n_clusters - len(chosen))
@@ -329,45 +336,82 @@ def kmeans_plus_plus(x: Tensor, n_clusters: int, seed: int, batch: int = _SEED_B
                 if len(taken) == want:
                     break
         rows = cand[taken]
+        new_d2, which = nearest_d2(rows)
+        closer = new_d2 < d2
+        near[closer] = len(chosen) + which[closer]
         chosen.extend(rows.tolist())
-        d2 = np.minimum(d2, nearest_d2(rows))
+        d2 = np.minimum(d2, new_d2)
         d2[rows] = 0.0
-    return torch.as_tensor(chosen, dtype=torch.long)
+        near[rows] = np.arange(len(chosen) - len(rows), len(chosen))
+    return torch.as_tensor(chosen, dtype=torch.long), torch.as_tensor(near, dtype=torch.long)
 
 
 def _nearest_torch(x: Tensor) -> Any:
-    """Nearest-centroid search with torch on ``x``'s device: chunked ``addmm`` + ``argmin`` of
-    ``|c|² − 2 x·c`` (``|x|²`` does not change a row's argmin)."""
+    """Nearest-centroid search with torch on ``x``'s device: chunked ``addmm`` then the row minimum of
+    ``|c|² − 2 x·c`` (``|x|²`` does not change a row's argmin). ``search(c, rows)`` returns the
+    nearest centroid of each of ``rows`` (default: every point) and that score."""
 
-    def search(c: Tensor) -> Tensor:
-        rows = max(1, min(x.shape[0], (1 << 25) // c.shape[0]))
+    def search(c: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        xs = x if rows is None else x[rows]
+        step = max(1, min(xs.shape[0], (1 << 25) // c.shape[0]))
         c_sq = (c * c).sum(1)[None, :]
-        block = torch.empty((rows, c.shape[0]), dtype=x.dtype, device=x.device)
-        out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        for s in range(0, x.shape[0], rows):
-            e = min(s + rows, x.shape[0])
-            torch.addmm(c_sq, x[s:e], c.T, alpha=-2, out=block[: e - s])
-            out[s:e] = block[: e - s].argmin(1)
-        return out
+        block = torch.empty((step, c.shape[0]), dtype=x.dtype, device=x.device)
+        ids = torch.empty(xs.shape[0], dtype=torch.long, device=x.device)
+        best = torch.empty(xs.shape[0], dtype=x.dtype, device=x.device)
+        for s in range(0, xs.shape[0], step):
+            e = min(s + step, xs.shape[0])
+            torch.addmm(c_sq, xs[s:e], c.T, alpha=-2, out=block[: e - s])
+            torch.min(block[: e - s], 1, out=(best[s:e], ids[s:e]))
+        return ids, best
 
     return search
 
 
 def _nearest_faiss(x: Tensor, faiss: Any) -> Any:
     """Nearest-centroid search with faiss's exact flat L2 index (on GPU for CUDA input when faiss
-    has GPU support), the search ``faiss.Kmeans`` runs in each iteration."""
+    has GPU support), the search ``faiss.Kmeans`` runs in each iteration; same interface as
+    :func:`_nearest_torch` (the score is faiss's squared distance)."""
     xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
     gpu = x.device.type == "cuda" and faiss.get_num_gpus() > 0
 
-    def search(c: Tensor) -> Tensor:
+    def search(c: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         index = faiss.IndexFlatL2(xn.shape[1])
         if gpu:
             index = faiss.index_cpu_to_all_gpus(index)
         index.add(np.ascontiguousarray(c.detach().cpu().numpy(), dtype=np.float32))
-        _, idx = index.search(xn, 1)
-        return torch.from_numpy(idx[:, 0].astype(np.int64)).to(x.device)
+        dist, idx = index.search(xn if rows is None else xn[rows.cpu().numpy()], 1)
+        return (torch.from_numpy(idx[:, 0].astype(np.int64)).to(x.device),
+                torch.from_numpy(dist[:, 0]).to(x.device))
 
     return search
+
+
+def _lloyd_step(search: Any, c: Tensor, moved: Tensor, assign: Tensor,
+                score: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The next assignment, searching only where it can change.
+
+    A point whose centroid did not move keeps it unless a centroid that moved is now closer
+    (the others are where they were when its centroid was the nearest), so it is searched
+    against the moved centroids only; points whose centroid moved are searched against all.
+    Ties go to the lower centroid index, as in a full search. ``score`` (None: search all):
+    each point's score to its centroid from the search that found it.
+    """
+    if score is None:
+        return search(c)  # type: ignore[no-any-return]
+    new, new_score = assign.clone(), score.clone()
+    full = torch.nonzero(moved[assign]).squeeze(1)
+    if len(full):
+        new[full], new_score[full] = search(c, full)
+    rest = torch.nonzero(~moved[assign]).squeeze(1)
+    moved_ids = torch.nonzero(moved).squeeze(1)
+    if len(rest) and len(moved_ids):
+        ids, sc = search(c[moved_ids], rest)
+        ids = moved_ids[ids]
+        old = score[rest]
+        better = (sc < old) | ((sc == old) & (ids < assign[rest]))
+        take = rest[better]
+        new[take], new_score[take] = ids[better], sc[better]
+    return new, new_score
 
 
 def _split_empty(c: Tensor, counts: Tensor, rng: np.random.Generator) -> bool:
@@ -396,11 +440,12 @@ def kmeans_assign(x: Tensor | np.ndarray, n_clusters: int, *, seed: int = 0, nit
     """Seeded k-means (Lloyd) from a k-means++ start; the cluster of each row (int64 ``[N]``).
 
     * **Start**: :func:`kmeans_plus_plus` rows (exact k-means++, about one assignment step of
-      work). pytorch-metric-learning's ``FaissKMeans`` uses ``faiss.Kmeans``' random rows, which
+      work, which also yields the first assignment). pytorch-metric-learning's ``FaissKMeans`` uses ``faiss.Kmeans``' random rows, which
       leave about a third of the classes without a centroid when classes have a few items each.
-    * **Iterations**: at most ``niter`` (PML: 20) of assignment (exact nearest centroid) then
-      update (float64 means of the members), stopping early at a fixed point, when an assignment
-      repeats the previous one (the centroids would not move again). Empty clusters are refilled
+    * **Iterations**: at most ``niter`` (PML: 20) of update (float64 means of the members) then
+      assignment (exact nearest centroid; after the first, only against the centroids that moved
+      for points whose own centroid did not, :func:`_lloyd_step`), stopping early at a fixed
+      point, when an assignment repeats the previous one (the centroids would not move again). Empty clusters are refilled
       as ``faiss.Kmeans`` does (:func:`_split_empty`). The result is the last assignment, to the
       final centroids.
     * **Search** (``backend``): ``"faiss"``: faiss's flat L2 index, the search ``faiss.Kmeans``
@@ -432,18 +477,20 @@ def kmeans_assign(x: Tensor | np.ndarray, n_clusters: int, *, seed: int = 0, nit
         faiss = _faiss()
     nearest = _nearest_faiss(xt, faiss) if faiss is not None else _nearest_torch(xt)
     rng = np.random.default_rng(seed)
-    c = xt[kmeans_plus_plus(xt, n_clusters, seed).to(xt.device)].clone()
-    assign = nearest(c)
-    split = False
+    rows, assign = _kmeans_pp(xt, n_clusters, seed)
+    c = xt[rows.to(xt.device)].clone()
+    assign = assign.to(xt.device)
+    score: Tensor | None = None  # the start's assignment came from k-means++'s matmuls: search all once
     for _ in range(niter):
         counts = torch.bincount(assign, minlength=n_clusters)
         sums = torch.zeros((n_clusters, xt.shape[1]), dtype=torch.float64, device=xt.device)
         for s in range(0, n, 8192):  # float64 sums without a float64 copy of x
             sums.index_add_(0, assign[s:s + 8192], xt[s:s + 8192].double())
+        old = c.clone()
         filled = counts > 0
         c[filled] = (sums[filled] / counts[filled, None]).float()
         split = _split_empty(c, counts, rng)
-        new = nearest(c)
+        new, score = _lloyd_step(nearest, c, (c != old).any(1), assign, score)
         if not split and torch.equal(new, assign):
             break
         assign = new
