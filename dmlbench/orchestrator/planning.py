@@ -454,8 +454,8 @@ def _train_images(cell: Cell, base: dict[str, Any], spec: SweepSpec, full_train:
         table = ds_cls(None, **dict(base.get("dataset_kwargs") or {})).table()
         n = int((table.split == "train").sum())
     else:
-        n = int(getattr(ds_cls, "FULL", {}).get("train_images", 0)) or None  # type: ignore[arg-type]
-        if n is None:
+        n = int(getattr(ds_cls, "FULL", {}).get("train_images", 0))
+        if not n:
             return None
     return n if full_train else n - n // spec.folds
 

@@ -134,7 +134,10 @@ def run_trial(
         return
 
     if train_fn is None:
-        from dmlbench.engine import train as train_fn
+        from dmlbench.engine import train as engine_train
+
+        train_fn = engine_train
+    run: TrainFn = train_fn
 
     group = folds is not None and len(folds) > 1
     restore_checkpoint(output_dir, "" if group else "checkpoints")
@@ -161,17 +164,17 @@ def run_trial(
         # its checkpoint folder before the first save, e.g. at the epoch-0 evaluation)
         ckpt = Path(checkpoint_dir) if checkpoint_dir else None
         if ckpt is not None and ((ckpt / "last.pt").is_file() or any(ckpt.glob("fold*/checkpoints/last.pt"))):
-            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
         else:
             tune.report(payload)
 
     try:
         if group:
             assert folds is not None
-            summary = _train_group(cfg, folds, train_fn, metric, report, stops or [], output_dir)
+            summary = _train_group(cfg, folds, run, metric, report, stops or [], output_dir)
         else:
             cfg = cfg.replace(fold=folds[0]) if folds is not None and folds[0] != cfg.fold else cfg
-            summary = summarise(train_fn(cfg, report))
+            summary = summarise(run(cfg, report))
     except Diverged as err:
         final("diverged", str(err))
         return
