@@ -29,6 +29,7 @@ from dmlbench.orchestrator.planning import (
     cell_settings,
     cell_space,
     final_seeds,
+    group_stops,
     search_concurrency,
     search_folds,
 )
@@ -169,7 +170,8 @@ def _cell_split_hash(base: dict[str, Any]) -> str | None:
 def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None,
               folds: list[int | None] | None = None, stops: list[int] | None = None) -> Any:  # fmt: skip
     """``run_trial`` bound to the cell's defaults and the folds of its models (search: the search
-    folds, chunked at ASHA's rungs ``stops``; final: every fold, or one full-train model), with the
+    folds; final: every fold, or one full-train model; a group's models pause in turn at ``stops``:
+    ASHA's rungs and periodic checkpoints, :func:`planning.group_stops`), with the
     trial's resource request."""
     fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn,
                               split_hash=_cell_split_hash(base), folds=folds, stops=stops)  # fmt: skip
@@ -256,7 +258,8 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
     folds: list[int | None] = list(search_folds(spec))
     # a row of a group stands for its fold models (fold NULL; each model's score is in its metrics)
     sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell), group=len(folds) > 1)
-    fn = trainable(spec, base, train_fn, folds=folds, stops=asha_rungs(st.grace, spec.reduction_factor, st.epochs))
+    stops = group_stops(st.epochs, asha_rungs(st.grace, spec.reduction_factor, st.epochs))
+    fn = trainable(spec, base, train_fn, folds=folds, stops=stops)
 
     def make() -> Any:
         search: Any = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
@@ -292,7 +295,7 @@ def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn
     if len(folds) > 1:
         base = {**base, "fold": None}
     sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
-    fn = trainable(spec, base, train_fn, folds=folds)
+    fn = trainable(spec, base, train_fn, folds=folds, stops=group_stops(st.epochs))
     param_space = {**best_params, "seed": tune.grid_search(final_seeds(spec))}
 
     def make() -> Any:

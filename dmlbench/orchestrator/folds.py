@@ -5,11 +5,12 @@
   metrics up to e (:func:`fold_mean_at`): non-decreasing, so a trial ASHA stops hands the searcher
   its best-so-far value, and at the end it equals the mean of the models' selected (early-stopped)
   validation scores, MLRC's score of a configuration. The models train in lockstep chunks that end
-  at ASHA's rungs (``stops``): each fold model trains up to the rung (the engine saved its ``last``
-  checkpoint before it reported), then the next; after the chunk the trial reports the fold mean
-  of every epoch in it, so ASHA decides at its rungs on the fold mean. The next chunk resumes each
-  model from its checkpoint.
-* **final**: per seed, every fold model trains to its end and is scored once on the test split;
+  at ASHA's rungs and at periodic checkpoints (``stops``, :func:`planning.group_stops`): each fold
+  model trains up to the stop (the engine saved its ``last`` checkpoint before it reported), then
+  the next; after the chunk the trial reports the fold mean of every epoch in it, with a checkpoint
+  of all its models, so ASHA decides at its rungs on the fold mean and a restarted trial resumes
+  from the last chunk. The next chunk resumes each model from its checkpoint.
+* **final**: per seed, every fold model trains to its end (in the same periodic chunks) and is scored once on the test split;
   the rows are one per fold model (their mean is the "separate" number) and one for the
   concatenated, normalised embedding of the seed's fold models (:func:`concatenated_metrics`).
 

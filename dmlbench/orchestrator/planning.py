@@ -404,6 +404,21 @@ def asha_rungs(grace: int, reduction_factor: int, max_t: int) -> list[int]:
     return out
 
 
+def group_stops(epochs: int, rungs: list[int] | None = None) -> list[int]:
+    """Where the fold models of a trial pause in turn: ASHA's ``rungs`` (search) and, for long
+    budgets, every ``max(5, ceil(epochs / 10))`` epochs, so the trial hands Tune a checkpoint of all
+    its models at least ten times (a worker that dies loses at most one such chunk).
+
+    Example:
+        >>> group_stops(100, [3, 6, 12, 24, 48, 96])
+        [3, 6, 10, 12, 20, 24, 30, 40, 48, 50, 60, 70, 80, 90, 96]
+        >>> group_stops(2)
+        []
+    """
+    every = max(5, -(-epochs // 10))
+    return sorted(set(rungs or []) | set(range(every, epochs, every)))
+
+
 def search_concurrency(spec: SweepSpec) -> int | None:
     """Search trials of one cell running at once: 1 with ``reproducible`` (decisions in trial order)."""
     return 1 if spec.reproducible else spec.max_concurrent

@@ -102,7 +102,8 @@ def run_trial(
         split_hash: the cell's fold-manifest hash, computed once by the driver (every report
             carries it, so pruned trials' rows have it too).
         folds: the validation folds of the trial's models (None: the base config's one fold).
-        stops: epochs where a group's chunks end (ASHA's rungs; search only).
+        stops: epochs where a group's chunks end (ASHA's rungs in the search, and periodic
+            checkpoints): after each chunk the trial reports with a checkpoint of all its models.
     """
     from ray import tune
 
@@ -195,7 +196,7 @@ def _train_group(cfg: Any, folds: list[int | None], train_fn: TrainFn, metric: s
 
     final_phase = cfg.phase == "final"
     models = train_folds(fold_configs(cfg, folds), train_fn, metric, report=report,
-                         stops=[] if final_phase else stops, checkpoint_dir=str(output_dir))  # fmt: skip
+                         stops=stops, checkpoint_dir=str(output_dir))  # fmt: skip
     parts = [summarise(m.result) for m in models]
     for part, m in zip(parts, models, strict=True):
         part["fold"] = m.cfg.fold
