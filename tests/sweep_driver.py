@@ -3,7 +3,7 @@ the interrupt and cluster tests (``python tests/sweep_driver.py sweep --methods 
 
 The fake train function sleeps ``$SWEEP_EPOCH_S`` seconds per epoch (default 1), saves a resumable
 checkpoint every epoch, reports a quality derived from the sampled parameters, and logs
-``start|epoch|end <dataset> <trial id> <epoch> <unix time>`` lines (start: the epoch of the
+``start|epoch|end <dataset> <trial id> <epoch> <unix time> <GCS address>`` lines (start: the epoch of the
 checkpoint it resumes from, 0 for none) to ``$SWEEP_LOG`` (when set), so a
 test can tell which cells started, when, and whether a trial resumed from its checkpoint.
 
@@ -27,9 +27,12 @@ def _log(what: str, cfg: Any, epoch: int) -> None:
     path = os.environ.get("SWEEP_LOG")
     if not path:
         return
+    import ray
+
     trial = Path(cfg.output_dir).parent.name.split("_")[2]  # run_trial_<id>_...
+    gcs = ray.get_runtime_context().gcs_address  # which cluster the trial runs on
     with open(path, "a") as fh:
-        fh.write(f"{what} {cfg.dataset} {trial} {epoch} {time.time():.3f}\n")
+        fh.write(f"{what} {cfg.dataset} {trial} {epoch} {time.time():.3f} {gcs}\n")
 
 
 def fake_train(cfg: Any, report: Any) -> Any:
@@ -50,6 +53,22 @@ def fake_train(cfg: Any, report: Any) -> Any:
     return SimpleNamespace(metrics={"map_at_r": quality}, eval_split="val", best_epoch=cfg.epochs,
                            epochs_run=cfg.epochs, steps=cfg.epochs, wall_time_s=1.0, split_hash="h",
                            pretrained_id="none", test_metrics={"map_at_r": quality})  # fmt: skip
+
+
+def driver_env(base: Path) -> dict[str, str]:
+    """Environment of a driver subprocess with its own Ray temp dir under ``base`` (keep it short:
+    Ray's socket paths must fit), its own home (Ray writes ~/.ray/auth_token) and log."""
+    (base / "home").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(HOME=str(base / "home"), RAY_TMPDIR=str(base), PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               SWEEP_LOG=str(base / "starts.log"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # fmt: skip
+    return env
+
+
+def log_lines(env: dict[str, str]) -> list[list[str]]:
+    """The fake train function's log lines, split."""
+    path = Path(env["SWEEP_LOG"])
+    return [ln.split() for ln in path.read_text().splitlines()] if path.exists() else []
 
 
 def main(argv: list[str]) -> None:

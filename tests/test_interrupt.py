@@ -22,22 +22,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.sweep_driver import driver_env, log_lines
+
 pytestmark = pytest.mark.slow
 
 DRIVER = Path(__file__).with_name("sweep_driver.py")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def private_env() -> Iterator[dict[str, str]]:
-    """Environment of a driver with its own Ray temp dir (short: Ray's socket paths must fit) and home."""
     base = Path(tempfile.mkdtemp(prefix="dmlb-", dir="/tmp"))
-    (base / "home").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(HOME=str(base / "home"), RAY_TMPDIR=str(base), PYTHONPATH=str(ROOT), SWEEP_LOG=str(base / "starts.log"),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # fmt: skip
     try:
-        yield env
+        yield driver_env(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -46,11 +42,6 @@ def sweep_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(DRIVER), "sweep", "--methods", "proxyanchor", "--datasets", "digits,synthetic",
             "--backbones", "tiny", "--trials", "4", "--epochs", "3", "--grace-period", "3", "--final-seeds", "0",
             "--folds", "3", "--search-folds", "1", "--output", str(out), "--name", "intr", *extra]  # fmt: skip
-
-
-def log_lines(env: dict[str, str]) -> list[list[str]]:
-    path = Path(env["SWEEP_LOG"])
-    return [ln.split() for ln in path.read_text().splitlines()] if path.exists() else []
 
 
 def wait_for(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]

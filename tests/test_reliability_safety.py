@@ -171,7 +171,8 @@ def test_local_ray_dashboard_binds_to_localhost_unless_asked(
 
 
 # ---- dmlbench submit -------------------------------------------------------------------------------
-UPLOADED = ["pyproject.toml", "dmlbench/__init__.py", "dmlbench/cli/sweep.py", "README.md", "docs/cluster.md"]
+UPLOADED = ["pyproject.toml", "dmlbench/__init__.py", "dmlbench/cli/sweep.py", "README.md", "docs/cluster.md",
+            "dmlbench/results/schema.py", "dmlbench/datasets/embedded.py", "tests/fixtures/data/x.txt"]  # fmt: skip
 NEVER = [
     "results/sw1/rows/a.parquet", "results/leaderboard.parquet", "data/CUB_200_2011/images.txt",
     "datasets_cache/cub200-224/index.npy", ".env", ".env.local", "deploy/.env", "server.pem", "tls/server.key",

@@ -136,6 +136,11 @@ def prepare_auth() -> str | None:
     return found[1]
 
 
+def prepare_auth_for(spec: SweepSpec) -> str | None:
+    """:func:`prepare_auth` when the sweep joins a cluster (a local Ray turns token mode on itself)."""
+    return prepare_auth() if join_address(spec)[0] is not None else None
+
+
 def http_auth_headers() -> dict[str, str]:
     """``Authorization`` header for Ray's dashboard / Jobs API when a token is available here."""
     found = auth_token()
@@ -240,7 +245,7 @@ def connect(spec: SweepSpec, num_cpus: int | None = None, echo: Printer = print)
     ``spec.dashboard_host`` (localhost by default) and not started at all unless asked.
     """
     address, origin = join_address(spec)
-    token_source = prepare_auth()  # before Ray is imported
+    token_source = prepare_auth_for(spec)  # before Ray is imported
     import ray
 
     if ray.is_initialized():

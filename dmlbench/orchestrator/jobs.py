@@ -21,9 +21,11 @@ from dmlbench.orchestrator import cluster
 
 Printer = Callable[[str], None]
 
-#: never uploaded with the job: outputs, data, environments, VCS, and common secret files
+#: never uploaded with the job: outputs, data, environments, VCS, and common secret files. Folder
+#: names are anchored at the uploaded folder's top ("/results/"): gitignore-style patterns match at
+#: any depth, and an unanchored "results/" would also leave out the package dmlbench/results/
 EXCLUDES = [
-    "results/", "data/", "datasets_cache/", ".venv/", "venv/", ".git/", "__pycache__/", "*.pyc",
+    "/results/", "/data/", "/datasets_cache/", "/.venv/", "/venv/", ".git/", "__pycache__/", "*.pyc",
     ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "*.ckpt", "*.pt", "*.parquet",
     ".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", "credentials*", ".aws/", ".netrc",
 ]  # fmt: skip

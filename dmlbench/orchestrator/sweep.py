@@ -94,7 +94,7 @@ def run(
     if dry_run:
         echo("dry run: nothing started.")
         return []
-    cluster.prepare_auth()  # before Ray is imported
+    cluster.prepare_auth_for(spec)  # before Ray is imported
     from dmlbench.orchestrator import interrupts
 
     rows = sweep_dir(spec) / store.ROWS_DIR
