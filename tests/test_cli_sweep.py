@@ -182,7 +182,7 @@ def test_submit_job_excludes_data_results_and_secrets() -> None:
     assert job["entrypoint"] == "python -m dmlbench.cli sweep --methods ccp --datasets all --output /srv/out"
     env = job["runtime_env"]
     assert (Path(env["working_dir"]) / "dmlbench" / "__init__.py").exists()
-    for pat in ("results/", "data/", ".venv/", ".git/", ".env", "*.pem", "id_rsa*", "credentials*"):
+    for pat in ("/results/", "/data/", "/.venv/", ".git/", ".env", "*.pem", "id_rsa*", "credentials*"):
         assert pat in env["excludes"]
     with pytest.raises(ConfigError, match="submit runs a sweep"):
         jobs.build_job(["leaderboard"])

@@ -138,12 +138,15 @@ def run(
 
 
 def incomplete_cells(outcomes: list[CellOutcome], spec: SweepSpec) -> list[str]:
-    """``cell (phase)`` for every cell whose search, or final phase, has no complete trial."""
+    """``cell (phase)`` for every cell whose search, or final phase, has no complete trial (a cell
+    the protocol does not search, ``paper``, has only its final phase)."""
+    from dmlbench.orchestrator.planning import cell_settings
+
     out = []
     for o in outcomes:
         done = {r[schema.PHASE] for r in o.rows.values() if r[schema.STATUS] == "complete"}
-        searched = spec.protocol == "mlrc"  # the paper protocol has no search phase
-        phases = (["search"] if searched else []) + (["final"] if spec.final_seeds else [])
+        searched = cell_settings(spec, o.cell).searched
+        phases = (["search"] if searched else []) + (["final"] if spec.final_seeds or not searched else [])
         lacking = [ph for ph in phases if ph not in done]
         if lacking:
             out.append(f"{o.cell.key} ({' and '.join(lacking)})")
