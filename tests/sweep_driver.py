@@ -16,8 +16,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -69,6 +72,33 @@ def log_lines(env: dict[str, str]) -> list[list[str]]:
     """The fake train function's log lines, split."""
     path = Path(env["SWEEP_LOG"])
     return [ln.split() for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def run_until(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], act: Callable[[int], float],
+              what: str, ready_s: float = 300, end_s: float = 180) -> tuple[int, str, float]:  # fmt: skip
+    """Start ``cmd`` in its own session, wait until ``ready()``, then ``act(pid)`` (which returns the
+    moment to measure from) and wait for the process to end. Returns its exit code, its output and the
+    seconds from that moment to its end; its process group is killed if it is still there."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        wait_for(ready, ready_s, what)
+        t0 = act(proc.pid)
+        output, _ = proc.communicate(timeout=end_s)
+        return proc.returncode, output, time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def main(argv: list[str]) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sweep_driver import driver_env, log_lines
+from tests.sweep_driver import driver_env, log_lines, run_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +44,6 @@ def sweep_cmd(out: Path, *extra: str) -> list[str]:
             "--folds", "3", "--search-folds", "1", "--output", str(out), "--name", "intr", *extra]  # fmt: skip
 
 
-def wait_for(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 def read_rows(out: Path):  # type: ignore[no-untyped-def]
     from dmlbench.results import store
 
@@ -67,26 +58,20 @@ def test_first_ctrl_c_stops_the_sweep_and_the_rerun_continues(private_env: dict[
     env = {**private_env, "SWEEP_EPOCH_S": "1.5"}
     out = tmp_path / "out"
     cmd = sweep_cmd(out)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-    try:
-        # a trial of the first cell has finished (a row), and another has a checkpoint and is still running
-        def mid_way() -> bool:
-            lines = log_lines(env)
-            ended = {ln[2] for ln in lines if ln[0] == "end"}
-            return bool(ended) and any(ln[0] == "epoch" and ln[2] not in ended for ln in lines)
+    # a trial of the first cell has finished (a row), and another has a checkpoint and is still running
+    def mid_way() -> bool:
+        lines = log_lines(env)
+        ended = {ln[2] for ln in lines if ln[0] == "end"}
+        return bool(ended) and any(ln[0] == "epoch" and ln[2] not in ended for ln in lines)
 
-        wait_for(mid_way, 300, "a finished trial and a running one with a checkpoint")
+    def ctrl_c(pid: int) -> float:
         time.sleep(2.0)  # the running trial's checkpoint reaches Tune's experiment state
-        t_sigint = time.time()
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
-        output, _ = proc.communicate(timeout=120)
-        took = time.time() - t_sigint
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, output[-3000:]
+        os.killpg(pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+        return time.time()
+
+    rc, output, took = run_until(cmd, env, mid_way, ctrl_c, "a finished trial and a running one with a checkpoint")
+    t_sigint = time.time() - took
+    assert rc == 130, output[-3000:]
     assert took < 60, f"exit took {took:.0f} s after Ctrl-C"
     print(f"exit 130 {took:.1f} s after SIGINT")
     flat = " ".join(output.split())
@@ -128,21 +113,16 @@ def test_first_ctrl_c_stops_the_sweep_and_the_rerun_continues(private_env: dict[
 def test_second_ctrl_c_exits_at_once(private_env: dict[str, str], tmp_path: Path) -> None:
     env = {**private_env, "SWEEP_EPOCH_S": "3"}
     out = tmp_path / "out"
-    proc = subprocess.Popen(sweep_cmd(out), env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        wait_for(lambda: any(ln[0] == "start" for ln in log_lines(env)), 300, "the first trial")
-        os.killpg(proc.pid, signal.SIGINT)
+
+    def ctrl_c_twice(pid: int) -> float:
+        os.killpg(pid, signal.SIGINT)
         time.sleep(0.5)
-        t_second = time.time()
-        os.killpg(proc.pid, signal.SIGINT)
-        output, _ = proc.communicate(timeout=60)
-        took = time.time() - t_second
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 130, output[-3000:]
+        os.killpg(pid, signal.SIGINT)
+        return time.time()
+
+    started = lambda: any(ln[0] == "start" for ln in log_lines(env))  # noqa: E731
+    rc, output, took = run_until(sweep_cmd(out), env, started, ctrl_c_twice, "the first trial", end_s=60)
+    assert rc == 130, output[-3000:]
     assert took < 10, f"the second Ctrl-C took {took:.1f} s"
     print(f"exit 130 {took:.2f} s after the second SIGINT")
     assert "Ctrl-C again: quitting now" in output
