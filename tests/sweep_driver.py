@@ -84,17 +84,17 @@ def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def run_until(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], act: Callable[[int], float],
-              what: str, ready_s: float = 300, end_s: float = 180) -> tuple[int, str, float]:  # fmt: skip
+              what: str, ready_s: float = 300, end_s: float = 180) -> tuple[int, str, float, float]:  # fmt: skip
     """Start ``cmd`` in its own session, wait until ``ready()``, then ``act(pid)`` (which returns the
-    moment to measure from) and wait for the process to end. Returns its exit code, its output and the
-    seconds from that moment to its end; its process group is killed if it is still there."""
+    moment to measure from) and wait for the process to end. Returns its exit code, its output, that
+    moment and the seconds from it to the end; its process group is killed if it is still there."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
     try:
         wait_for(ready, ready_s, what)
         t0 = act(proc.pid)
         output, _ = proc.communicate(timeout=end_s)
-        return proc.returncode, output, time.time() - t0
+        return proc.returncode, output, t0, time.time() - t0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -272,7 +272,7 @@ def test_lost_cluster_ends_the_driver_with_one_sentence(tmp_path: Path) -> None:
         return time.time()
 
     try:
-        rc, output, took = run_until(cmd, cluster.env, lambda: log.exists() and "epoch" in log.read_text(),
+        rc, output, _, took = run_until(cmd, cluster.env, lambda: log.exists() and "epoch" in log.read_text(),
                                      kill_cluster, "a trial with a checkpoint on the cluster")  # fmt: skip
     finally:
         cluster.kill()

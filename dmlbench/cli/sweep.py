@@ -87,6 +87,8 @@ def sweep(
         sw.run(spec, resume=resume, force=force, dry_run=dry_run, plan_format=plan_format, echo=lambda s: console.print(s, highlight=False, soft_wrap=True))
     except SweepInterrupted as err:
         raise SweepInterrupted(f"{err}\n  {_command_line()}") from None
+    except KeyboardInterrupt:  # before the sweep's own Ctrl-C handling (validating, planning)
+        raise SweepInterrupted("stopped by Ctrl-C before the sweep started; nothing was started.") from None
 
 
 app.command("preflight", help=PREFLIGHT_HELP, epilog="Examples:\n\n  dmlbench preflight --methods nivmf,ccp,diva --datasets all --data-root /data/dml\n\n  dmlbench preflight --methods ccp --datasets sop --data-root /data/dml --preset smoke --allow-cpu")(sweep)

@@ -410,12 +410,11 @@ def trial_resources(spec: SweepSpec) -> dict[str, Any]:
 def format_resources(spec: SweepSpec) -> str:
     """E.g. ``per trial: 8 CPUs, 1 GPU, 7 data-loader workers, 1 thread, pinned memory``."""
     r = trial_resources(spec)
-    gpus = "1 GPU if the cluster has GPUs, else 0" if r["gpus"] is None else f"{r['gpus']:g} GPU(s)"
     pinned = ", pinned memory" if r["pin_memory"] else ""
-    return (
-        f"per trial: {r['cpus']:g} CPU(s), {gpus}, {r['num_workers']} data-loader worker(s), "
-        f"{r['torch_threads']} thread(s){pinned}"
-    )
+    loader = f"{r['num_workers']} data-loader worker(s), {r['torch_threads']} thread(s){pinned}"
+    if r["gpus"] is None:  # decided when the cluster is known
+        return f"per trial: {r['cpus']:g} CPU(s), 1 GPU if the cluster has GPUs, else 0; with a GPU: {loader}"
+    return f"per trial: {r['cpus']:g} CPU(s), {r['gpus']:g} GPU(s), {loader}"
 
 
 # ---- storage -----------------------------------------------------------------------------------------
