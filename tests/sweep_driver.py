@@ -32,7 +32,11 @@ def _log(what: str, cfg: Any, epoch: int) -> None:
         return
     import ray
 
-    trial = Path(cfg.output_dir).parent.name.split("_")[2]  # run_trial_<id>_...
+    here = Path(cfg.output_dir)
+    trial_dir = next((d for d in (here, *here.parents) if d.name.startswith("run_trial_")), here)
+    trial = trial_dir.name.split("_")[2] if trial_dir.name.startswith("run_trial_") else here.name  # run_trial_<id>_...
+    if here.name.startswith("fold"):  # one model of a fold-model group (the protocol's search / final phase)
+        trial = f"{trial}.{here.name}"
     gcs = ray.get_runtime_context().gcs_address  # which cluster the trial runs on
     with open(path, "a") as fh:
         fh.write(f"{what} {cfg.dataset} {trial} {epoch} {time.time():.3f} {gcs}\n")

@@ -29,6 +29,7 @@ def probe_train(cfg: Any, report: Any) -> Any:
 
     seen = {"gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "num_workers": cfg.num_workers, "torch_threads": cfg.torch_threads, "pin_memory": cfg.pin_memory}  # fmt: skip
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "probe.json").write_text(json.dumps(seen))
     report(1, {"map_at_r": 0.5}, None)
     return SimpleNamespace(metrics={"map_at_r": 0.5}, eval_split="val", best_epoch=1, epochs_run=1, steps=1,
@@ -53,7 +54,8 @@ def local_ray(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.mark.parametrize("local_ray", [2], indirect=True, ids=["2-logical-gpus"])
 def test_trials_get_one_gpu_by_default(local_ray: None, tmp_path: Path) -> None:
     spec = SweepSpec(methods=("proxyanchor",), datasets=("digits",), backbones=("tiny",), trials=2, epochs=1,
-                     grace_period=1, final_seeds=0, folds=3, output=str(tmp_path), name="gpus")  # fmt: skip
+                     grace_period=1, final_seeds=0, folds=3, search_folds=1, output=str(tmp_path),
+                     name="gpus")  # fmt: skip
     assert spec.gpus_per_trial is None  # nothing asked: the cluster decides
     lines: list[str] = []
     outcomes = sweep.run(spec, train_fn=probe_train, echo=lines.append)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sweep_driver import driver_env, log_lines, run_until
+from tests.sweep_driver import driver_env, log_lines, run_until, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +133,52 @@ def test_second_ctrl_c_exits_at_once(private_env: dict[str, str], tmp_path: Path
     assert "Ctrl-C again: quitting now" in output
     if (out / "intr" / "rows").exists():
         read_rows(out)  # what was written is intact
+
+
+def test_an_experiment_in_another_thread_stops_at_its_next_step(tmp_path: Path) -> None:
+    """Tune installs no SIGINT handler outside the main thread (a scheduler running experiments side
+    by side): the sweep's stop request ends such an experiment through its StopCallback."""
+    import threading
+
+    import ray
+    from ray import tune
+
+    from dmlbench.errors import SweepInterrupted
+    from dmlbench.orchestrator import interrupts
+
+    def slow(config: dict[str, object]) -> None:
+        for i in range(300):
+            time.sleep(0.2)
+            tune.report({"x": i})
+
+    temp = tempfile.mkdtemp(prefix="dmlb-", dir="/tmp")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    box: dict[str, BaseException] = {}
+
+    def started() -> bool:  # the trial has reported (Tune wrote a result)
+        return any(p.stat().st_size > 0 for p in (tmp_path / "thread").rglob("result.json"))
+
+    def fit() -> None:
+        try:
+            tune.Tuner(slow, run_config=tune.RunConfig(name="thread", storage_path=str(tmp_path), verbose=0,
+                                                       callbacks=[interrupts.StopCallback()])).fit()  # fmt: skip
+        except BaseException as err:  # what the thread ended with is the result
+            box["err"] = err
+
+    try:
+        with interrupts.handling():
+            thread = threading.Thread(target=fit)
+            thread.start()
+            wait_for(lambda: started() or "err" in box, 120, "the experiment's first result")
+            assert "err" not in box, box
+            interrupts.request()
+            t0 = time.time()
+            thread.join(120)
+            took = time.time() - t0
+        assert not thread.is_alive()
+        assert isinstance(box.get("err"), SweepInterrupted), box
+        assert took < 60
+        print(f"experiment in a thread stopped {took:.1f} s after the request")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -52,6 +52,11 @@ def requested() -> bool:
     return _stop.is_set()
 
 
+def request() -> None:
+    """Ask the sweep to stop, as the first Ctrl-C does (for a scheduler or a test; prints nothing)."""
+    _stop.set()
+
+
 def raise_if_requested(what: str) -> None:
     """Raise :class:`SweepInterrupted` when a stop was requested, instead of starting ``what``."""
     if _stop.is_set():
