@@ -31,10 +31,10 @@ def _log(what: str, cfg: Any, epoch: int) -> None:
     if not path:
         return
     import ray
+    from ray import tune
 
     here = Path(cfg.output_dir)
-    trial_dir = next((d for d in (here, *here.parents) if d.name.startswith("run_trial_")), here)
-    trial = trial_dir.name.split("_")[2] if trial_dir.name.startswith("run_trial_") else here.name  # run_trial_<id>_...
+    trial = tune.get_context().get_trial_id()
     if here.name.startswith("fold"):  # one model of a fold-model group (the protocol's search / final phase)
         trial = f"{trial}.{here.name}"
     gcs = ray.get_runtime_context().gcs_address  # which cluster the trial runs on

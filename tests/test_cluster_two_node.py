@@ -92,7 +92,7 @@ def test_trials_run_on_both_nodes_and_write_shared_storage(two_nodes: tuple[Any,
     shared = tmp_path / "shared"
     spec = SweepSpec(methods=("fake_two_node",), datasets=("digits",), backbones=("tiny",), trials=4, epochs=2,
                      grace_period=2, final_seeds=0, folds=3, search_folds=1, output=str(tmp_path / "out"),
-                     storage=str(shared))  # fmt: skip
+                     storage=str(shared), checkpoint_every_epochs=1)  # fmt: skip
     assert len(cl.node_capacity()) == 2
     sweep.run(spec, train_fn=node_train, echo=lambda s: None)
     nodes = set(log.read_text().split())

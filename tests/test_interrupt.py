@@ -41,7 +41,8 @@ def private_env() -> Iterator[dict[str, str]]:
 def sweep_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(DRIVER), "sweep", "--methods", "proxyanchor", "--datasets", "digits,synthetic",
             "--backbones", "tiny", "--trials", "4", "--epochs", "3", "--grace-period", "3", "--final-seeds", "0",
-            "--folds", "3", "--search-folds", "1", "--output", str(out), "--name", "intr", *extra]  # fmt: skip
+            "--folds", "3", "--search-folds", "1", "--output", str(out), "--name", "intr",
+            "--checkpoint-every-epochs", "1", *extra]  # fmt: skip
 
 
 def read_rows(out: Path):  # type: ignore[no-untyped-def]

@@ -48,7 +48,8 @@ TRIAL_BASE = {"image_size": 16, "iters_per_epoch": 3, "deterministic": True, "ev
 #: the driver-kill sweep: 6 epochs, so the second trial is half-trained for a few seconds
 CLI_EPOCHS = 6
 SWEEP_ARGS = ["--datasets", "digits", "--preset", "smoke", "--trials", "2", "--epochs", str(CLI_EPOCHS),
-              "--grace-period", str(CLI_EPOCHS), "--final-seeds", "0", "--max-concurrent", "1", "--seed", "3"]  # fmt: skip
+              "--grace-period", str(CLI_EPOCHS), "--final-seeds", "0", "--max-concurrent", "1", "--seed", "3",
+              "--checkpoint-every-epochs", "1"]  # fmt: skip
 STEPS_PER_EPOCH = TRIAL_BASE["iters_per_epoch"]
 
 
@@ -150,7 +151,8 @@ def driver(out: str, name: str) -> None:
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": register, "env_vars": env})  # fmt: skip
     spec = sweep.build_spec(methods="rel_triplet", datasets="digits", preset="smoke", trials=2, epochs=2,
-                            grace_period=2, final_seeds=0, max_concurrent=1, seed=3, output=out, name=name)  # fmt: skip
+                            grace_period=2, final_seeds=0, max_concurrent=1, seed=3, output=out, name=name,
+                            checkpoint_every_epochs=1)  # fmt: skip
     spec = spec.model_copy(update={"trial_base": {**spec.trial_base, **TRIAL_BASE}})
     from dmlbench.errors import DmlbenchError
 

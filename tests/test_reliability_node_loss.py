@@ -97,7 +97,8 @@ def test_node_removed_mid_sweep_trial_rescheduled_and_resumed(
     monkeypatch.setattr("dmlbench.search_spaces.loader.SPACES_DIR", spaces)
     spec = SweepSpec(methods=("fake_node_loss",), datasets=("digits",), backbones=("tiny",), trials=2,
                      epochs=EPOCHS, grace_period=EPOCHS, final_seeds=0, folds=3, search_folds=1, max_failures=2,
-                     output=str(tmp_path / "out"), storage=str(tmp_path / "shared"))  # fmt: skip
+                     output=str(tmp_path / "out"), storage=str(tmp_path / "shared"),
+                     checkpoint_every_epochs=1)  # fmt: skip
     errors: list[BaseException] = []
 
     def drive() -> None:

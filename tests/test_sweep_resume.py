@@ -97,7 +97,7 @@ def driver(out: str, spaces: str) -> None:
                  k: os.environ[k] for k in ("RESUME_LOG", "RESUME_BLOCK") if k in os.environ}})  # fmt: skip
     spec = SweepSpec(methods=("fake_resume",), datasets=("digits",), backbones=("tiny",), trials=4, epochs=3,
                      grace_period=3, final_seeds=0, folds=3, search_folds=1, output=out, name="resume",
-                     max_concurrent=1)  # fmt: skip
+                     max_concurrent=1, checkpoint_every_epochs=1)  # fmt: skip
     sweep.run(spec, train_fn=slow_train, echo=print)
 
 

@@ -53,6 +53,8 @@ def sweep(
     reproducible: Annotated[bool, typer.Option("--reproducible", help="one search trial at a time per cell and deterministic kernels: the same command and seed give the same leaderboard on the same hardware")] = False,
     dashboard_host: Annotated[str | None, typer.Option(help="bind the local Ray dashboard here (default: no dashboard, localhost)")] = None,
     preset: Annotated[str | None, typer.Option(help="'smoke': tiny backbone and images, few epochs, for CPU")] = None,
+    checkpoint_period: Annotated[float | None, typer.Option(help="seconds between a trial's checkpoints in --storage (default 600)")] = None,
+    checkpoint_every_epochs: Annotated[int | None, typer.Option(help="also checkpoint every N epochs (default: by time only)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="resume a sweep (the newest one under --output without --name)")] = False,
     force: Annotated[bool, typer.Option("--force", help="continue a sweep whose spec changed")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print cells, trial counts and cost; start nothing (works without the datasets)")] = False,
@@ -77,6 +79,7 @@ def sweep(
         search_space=search_space, folds=folds, final_seeds=final_seeds, seed=seed, name=name, output=output,
         address=address, storage=storage, data_root=data_root, metric=metric, grace_period=grace_period,
         dashboard_host=dashboard_host, allow_cpu=allow_cpu or None, subset=subset or None,
+        checkpoint_period_s=checkpoint_period, checkpoint_every_epochs=checkpoint_every_epochs,
     )  # fmt: skip
     if preflight or ctx.info_name == "preflight":
         if dry_run or resume:
@@ -165,9 +168,10 @@ def status(
     wide: Wide = False,
 ) -> None:
     """Trials done / running / pending per cell of each sweep, and an ETA."""
-    from dmlbench.orchestrator.status import eta_seconds, sweep_status
+    from dmlbench.orchestrator.status import format_eta, progress_of, sweep_eta
 
-    cells = sweep_status(results)
+    progress = progress_of(results)
+    cells = [c for p in progress for c in p.cells]
     cols = [
         Col("sweep", 3), Col("cell"), Col("phase"), Col("done", justify="right"), Col("running", justify="right"),
         Col("pending", justify="right"), Col("statuses", 2, wrap=True, wrap_width=24),
@@ -181,6 +185,5 @@ def status(
     if len(sweeps) == 1:  # one sweep: its name goes in the title, not in every row
         cols, rows = cols[1:], [r[1:] for r in rows]
     print_table(console, cols, rows, title=f"sweep {sweeps[0]}" if len(sweeps) == 1 else "sweeps", wide=wide)
-    eta = eta_seconds(cells)
     done, total = sum(c.done for c in cells), sum(c.planned for c in cells)
-    console.print(f"{done}/{total} trials done; ETA " + (f"{eta / 60:.1f} min" if eta is not None else "unknown"))
+    console.print(f"{done}/{total} trials done; ETA {format_eta(sweep_eta(progress))}")

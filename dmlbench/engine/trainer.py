@@ -560,7 +560,10 @@ class Trainer:
             self.method.train(was)
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _state(self, resumable: bool = True) -> dict[str, Any]:
+        if not resumable:  # best.pt: the weights the final evaluation loads, no optimiser state
+            return {"format": CHECKPOINT_VERSION, "config": self.cfg.to_dict(), "model": self.method.state_dict(),
+                    "extra": self.method.extra_state(), "trainer": {"epoch": self.epoch}}  # fmt: skip
         return {
             "format": CHECKPOINT_VERSION,
             "config": self.cfg.to_dict(),
@@ -577,8 +580,9 @@ class Trainer:
         }
 
     def _save(self, name: str) -> None:
+        """``last``: everything a resume needs; ``best``: the weights only (a third of last.pt with Adam)."""
         if self.ckpt_dir is not None:
-            atomic_torch_save(self._state(), self.ckpt_dir / f"{name}.pt")
+            atomic_torch_save(self._state(resumable=name == "last"), self.ckpt_dir / f"{name}.pt")
 
     def save_checkpoint(self, name: str = "last") -> Path | None:
         """Write ``checkpoints/<name>.pt`` now (what :meth:`run` writes after every epoch); returns

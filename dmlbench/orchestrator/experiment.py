@@ -7,13 +7,27 @@ are deterministic): by :class:`RowCallback` as each trial ends (so a killed driv
 trial), and once more for every terminal trial after ``fit`` returns (which also surfaces a row that
 could not be written). The callback holds only plain, picklable data: Tune saves it with the
 experiment and hands it back on restore, so no private Tune attribute is ever patched.
+
+Several cells' experiments run at once, each ``fit`` in its own thread (:mod:`.scheduler`), so:
+
+* every experiment registers its trainable under its own name (:func:`trainable_name`); Tune's
+  default, the function's name, would let one cell's trials run with another cell's settings;
+* Tune catches Ctrl-C only in the main thread, so an experiment is stopped through
+  :func:`stop_on`: while its event is set, :class:`RowCallback` raises :class:`SweepInterrupted`
+  at the next step of the experiment loop (Tune ends the loop; the experiment state it saved at
+  most ~1 s earlier is what a rerun restores, like after a killed driver);
+* the callback keeps ``progress/<experiment>.json`` (running trials with epoch and latest
+  metric, the start and end of each finished trial) for the live view and ``dmlbench status``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +49,16 @@ from dmlbench.orchestrator.planning import (
 )
 from dmlbench.orchestrator.rows import build_row, sampled_params
 from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name
-from dmlbench.orchestrator.sweepdir import sweep_dir, write_progress
-from dmlbench.orchestrator.trainable import ERROR_KEY, STATUS_KEY, SUMMARY_KEY, TIME_ATTR, TrainFn, run_trial
+from dmlbench.orchestrator.sweepdir import read_progress, sweep_dir, write_progress
+from dmlbench.orchestrator.trainable import (
+    EPOCH_KEY,
+    ERROR_KEY,
+    STATUS_KEY,
+    SUMMARY_KEY,
+    TIME_ATTR,
+    TrainFn,
+    run_trial,
+)
 from dmlbench.results import schema, store
 
 log = logging.getLogger(__name__)
@@ -111,36 +133,106 @@ class RowSink:
         return rows
 
 
+#: sweep id → the event that stops its experiments (:func:`stop_on`). Process-local on purpose:
+#: Tune restores a callback from its own pickle, so a restored :class:`RowCallback` can reach a live
+#: event only through the sweep id it holds.
+_STOPS: dict[str, threading.Event] = {}
+
+
+@contextmanager
+def stop_on(sweep_id: str, event: threading.Event) -> Iterator[None]:
+    """While inside, setting ``event`` stops every experiment of the sweep (see the module doc)."""
+    _STOPS[sweep_id] = event
+    try:
+        yield
+    finally:
+        _STOPS.pop(sweep_id, None)
+
+
+def stop_requested(sweep_id: str) -> bool:
+    ev = _STOPS.get(sweep_id)
+    return ev is not None and ev.is_set()
+
+
 class RowCallback(tune.Callback):  # type: ignore[misc]
-    """Writes a row as each trial ends and keeps the experiment's progress file (``dmlbench status``).
+    """Writes a row as each trial ends, keeps the experiment's progress file (live view,
+    ``dmlbench status``) and stops the experiment when its sweep is asked to stop.
 
     A failed write (disk full) is logged, not raised: an exception inside a Tune callback would end
     the experiment with a traceback; the driver writes every row again after ``fit`` and raises there.
     """
 
-    def __init__(self, sink: RowSink):
+    def __init__(self, sink: RowSink, planned: int, budget: int):
         self.sink = sink
-        self.running: set[str] = set()
+        self.planned = planned
+        self.budget = budget
+        self.running: dict[str, dict[str, Any]] = {}
+        self.ended: dict[str, dict[str, Any]] = {}
 
-    def _progress(self, trial_id: str, running: bool) -> None:
-        (self.running.add if running else self.running.discard)(trial_id)
-        write_progress(sweep_dir(self.sink.spec), self.sink.experiment, self.running)
+    def _progress(self) -> None:
+        state = {
+            "cell": self.sink.cell.key, "phase": self.sink.phase, "planned": self.planned, "budget": self.budget,
+            "running": self.running, "ended": self.ended,
+        }  # fmt: skip
+        try:
+            write_progress(sweep_dir(self.sink.spec), self.sink.experiment, state)
+        except OSError as err:
+            log.warning("progress of %s not written (%s)", self.sink.experiment, err)
+
+    def setup(self, **info: Any) -> None:
+        # a restored experiment keeps the times of the trials that ended before the restart
+        old = read_progress(sweep_dir(self.sink.spec), self.sink.experiment).get("ended")
+        if isinstance(old, dict):
+            self.ended = {**old, **self.ended}
+        self._progress()
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if stop_requested(self.sink.spec.sweep_id):
+            raise SweepInterrupted(f"{self.sink.experiment} stopped on request")
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._progress(trial.trial_id, True)
+        self.running[trial.trial_id] = {"started": time.time(), "epoch": 0, "metric": None}
+        self._progress()
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:  # fmt: skip
+        entry = self.running.setdefault(trial.trial_id, {"started": time.time(), "epoch": 0, "metric": None})
+        if isinstance(result.get(EPOCH_KEY), (int, float)):
+            entry["epoch"] = int(result[EPOCH_KEY])
+        value = result.get(self.sink.spec.metric)
+        if isinstance(value, (int, float)) and result.get(EPOCH_KEY) is not None:
+            entry["metric"] = float(value)
+        self._progress()
 
     def _ended(self, trial: Any) -> None:
+        row: dict[str, Any] = {}
         try:
-            self.sink.rows(trial)
+            rows = self.sink.rows(trial)
+            row = rows[0] if rows else {}
         except DmlbenchError as err:
             log.warning("row of trial %s not written yet (%s); retried when the experiment ends", trial.trial_id, err)
-        self._progress(trial.trial_id, False)
+        entry = self.running.pop(trial.trial_id, None)
+        value = row.get(self.sink.spec.metric)
+        self.ended[trial.trial_id] = {
+            "started": entry["started"] if entry else time.time(), "ended": time.time(),
+            "status": row.get(schema.STATUS), "metric": float(value) if isinstance(value, (int, float)) else None,
+        }  # fmt: skip
+        self._progress()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # experiments saved by an older dmlbench hold only ``sink`` and a set of running trial ids;
+        # trials running when the driver stopped start again after a restore
+        self.__dict__.update(state)
+        self.running = {}
+        self.ended = dict(state.get("ended") or {})
+        self.planned = int(state.get("planned") or 0)
+        self.budget = int(state.get("budget") or 0)
 
 
 def _error_text(trial: Any) -> str:
@@ -167,18 +259,30 @@ def _cell_split_hash(base: dict[str, Any]) -> str | None:
         return None
 
 
-def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None,
-              folds: list[int | None] | None = None, stops: list[int] | None = None) -> Any:  # fmt: skip
-    """``run_trial`` bound to the cell's defaults and the folds of its models (search: the search
-    folds; final: every fold, or one full-train model; a group's models pause in turn at ``stops``:
-    ASHA's rungs and periodic checkpoints, :func:`planning.group_stops`), with the
-    trial's resource request."""
+_REGISTER = threading.Lock()
+
+
+def trainable_name(cell: Cell, phase: str) -> str:
+    """The name an experiment's trainable is registered under: unique per cell and phase, so
+    experiments running side by side never resolve each other's trainable."""
+    return f"{cell.slug}-{phase}"
+
+
+def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None, name: str,
+              folds: list[int | None] | None = None, stops: list[int] | None = None) -> str:  # fmt: skip
+    """Register ``run_trial`` bound to the cell's defaults and the folds of its models (search: the
+    search folds; final: every fold, or one full-train model; a group's models pause in turn at
+    ``stops``: ASHA's rungs and periodic checkpoints, :func:`planning.group_stops`), with the
+    trial's resource request, as ``name``; returns the name (what the Tuner gets)."""
     fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn,
-                              split_hash=_cell_split_hash(base), folds=folds, stops=stops)  # fmt: skip
+                              split_hash=_cell_split_hash(base), folds=folds, stops=stops,
+                              checkpoint_every=(spec.checkpoint_period_s, spec.checkpoint_every_epochs))  # fmt: skip
     res: dict[str, float] = {"cpu": spec.cpus_per_trial}
     if spec.gpus_per_trial:  # resolved by cluster.resolve_resources before any experiment starts
         res["gpu"] = spec.gpus_per_trial
-    return tune.with_resources(fn, res)
+    with _REGISTER:  # Tune's registry flushes a shared dict: one registration at a time
+        tune.register_trainable(name, tune.with_resources(fn, res))
+    return name
 
 
 def sampler(spec: SweepSpec, cell: Cell) -> Any:
@@ -194,7 +298,7 @@ def sampler(spec: SweepSpec, cell: Cell) -> Any:
     )
 
 
-def run_config(spec: SweepSpec, sink: RowSink) -> Any:
+def run_config(spec: SweepSpec, sink: RowSink, planned: int) -> Any:
     return tune.RunConfig(
         name=sink.experiment,
         storage_path=cluster.storage_root(spec),
@@ -203,7 +307,7 @@ def run_config(spec: SweepSpec, sink: RowSink) -> Any:
         # the experiment state (trial statuses, searcher) reaches the storage path within ~2 s:
         # a killed driver then restores finished trials as finished (Ray's default syncs every 300 s)
         sync_config=tune.SyncConfig(sync_period=2),
-        callbacks=[RowCallback(sink), interrupts.StopCallback()],
+        callbacks=[RowCallback(sink, planned, cell_settings(spec, sink.cell).epochs), interrupts.StopCallback()],
         verbose=0,
     )
 
@@ -217,6 +321,8 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
     their last checkpoint when the same command runs again.
     """
     interrupts.raise_if_requested(f"experiment {sink.experiment}")  # Ctrl-C: nothing new starts
+    if stop_requested(spec.sweep_id):
+        raise SweepInterrupted(f"sweep stopped before {sink.experiment} started; rerun the same command to continue.")
     path = f"{cluster.storage_root(spec)}/{sink.experiment}"
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=False,
@@ -233,8 +339,7 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
             continue
         for row in sink.rows(trial):
             out.rows[row[schema.ROW_ID]] = row
-    write_progress(sweep_dir(spec), sink.experiment, set())
-    if unfinished or interrupts.requested():
+    if unfinished or interrupts.requested() or stop_requested(spec.sweep_id):
         raise SweepInterrupted(
             f"sweep interrupted with {unfinished} unfinished trial(s) in {sink.experiment}; rerun the same command "
             "(or add --resume) to continue where it stopped."
@@ -259,7 +364,7 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
     # a row of a group stands for its fold models (fold NULL; each model's score is in its metrics)
     sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell), group=len(folds) > 1)
     stops = group_stops(st.epochs, asha_rungs(st.grace, spec.reduction_factor, st.epochs))
-    fn = trainable(spec, base, train_fn, folds=folds, stops=stops)
+    fn = trainable(spec, base, train_fn, trainable_name(cell, "search"), folds=folds, stops=stops)
 
     def make() -> Any:
         search: Any = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
@@ -272,7 +377,7 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
         return tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=spec.trials, reuse_actors=True),
-            run_config=run_config(spec, sink),
+            run_config=run_config(spec, sink, spec.trials),
         )
 
     fit(spec, sink, make, fn, out)
@@ -295,7 +400,7 @@ def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn
     if len(folds) > 1:
         base = {**base, "fold": None}
     sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
-    fn = trainable(spec, base, train_fn, folds=folds, stops=group_stops(st.epochs))
+    fn = trainable(spec, base, train_fn, trainable_name(cell, "final"), folds=folds, stops=group_stops(st.epochs))
     param_space = {**best_params, "seed": tune.grid_search(final_seeds(spec))}
 
     def make() -> Any:
@@ -303,7 +408,7 @@ def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn
             fn,
             param_space=param_space,
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
-            run_config=run_config(spec, sink),
+            run_config=run_config(spec, sink, spec.final_seeds),
         )
 
     fit(spec, sink, make, fn, out)

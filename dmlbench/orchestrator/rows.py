@@ -1,4 +1,10 @@
-"""Turn a finished Tune trial into a schema row (pure: no Ray imports)."""
+"""Turn a finished Tune trial into a schema row (pure: no Ray imports).
+
+Machine facts (GPU, package versions, git sha + dirty flag) and the resolved ``embedding_dim``,
+``image_size`` and ``bn_policy`` come from the trial's own reports (read on its worker, see
+:mod:`.trainable`); only a trial that never reported (e.g. its config failed to build before the
+first report could carry them) falls back to the cell's defaults, and its machine columns stay NULL.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,17 @@ from dmlbench.orchestrator.planning import cell_settings, protocol_label
 from dmlbench.orchestrator.spec import Cell, SweepSpec
 from dmlbench.orchestrator.trainable import (
     BEST_KEY,
+    CKPT_BYTES_KEY,
     EPOCH_KEY,
     ERROR_KEY,
+    HISTORY_KEY,
+    PROVENANCE_KEY,
     SPLIT_HASH_KEY,
+    STARTED_KEY,
     STATUS_KEY,
     SUMMARY_KEY,
 )
-from dmlbench.results import provenance, schema
+from dmlbench.results import fields, schema
 
 _SPLIT_COLUMNS = {
     schema.MAP_AT_R,
@@ -90,11 +100,13 @@ def build_row(
     wall = summary.get("wall_time_s")
     if wall is None:
         wall = last.get("time_total_s")
-    gpu_type, gpu_count = provenance.gpu_info()
+    facts: dict[str, Any] = json.loads(last.get(PROVENANCE_KEY) or "{}")
     gpus = spec.gpus_per_trial or 0.0  # resolved by the sweep; None (not yet resolved) counts as 0
     gpu_hours = None
     if wall is not None:
         gpu_hours = float(wall) / 3600.0 * gpus
+    versions = facts.get("package_versions")
+    ckpt_bytes = last.get(CKPT_BYTES_KEY)
     err = error or (str(last.get(ERROR_KEY)) if last.get(ERROR_KEY) else None)
     settings = cell_settings(spec, cell)
     row: dict[str, Any] = {
@@ -104,13 +116,14 @@ def build_row(
         schema.TRIAL_ID: trial_id,
         schema.SOURCE: "dmlbench",
         schema.CREATED_AT: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        schema.STARTED_AT: last.get(STARTED_KEY) or None,
         schema.METHOD: cell.method,
         schema.DATASET: cell.dataset,
         schema.BACKBONE: cell.backbone,
         schema.PRETRAINED: summary.get("pretrained_id") or _pretrained_label(base),
-        schema.EMBEDDING_DIM: base.get("embedding_dim"),
-        schema.IMAGE_SIZE: base.get("image_size"),
-        schema.BN_POLICY: base.get("bn_policy"),
+        schema.EMBEDDING_DIM: facts.get("embedding_dim", base.get("embedding_dim")),
+        schema.IMAGE_SIZE: facts.get("image_size", base.get("image_size")),
+        schema.BN_POLICY: facts.get("bn_policy", base.get("bn_policy")),
         schema.PROTOCOL: protocol_label(spec, concatenated),
         schema.SPLIT_HASH: summary.get("split_hash") or last.get(SPLIT_HASH_KEY) or None,
         schema.FOLD: fold,
@@ -121,20 +134,24 @@ def build_row(
         schema.ERROR: err,
         schema.PARAMS_JSON: json.dumps(params, sort_keys=True),
         schema.CONFIG_JSON: config_json,
+        schema.CONFIG_DIGEST: fields.config_digest(config_json),
         schema.BUDGET_CAPPED: settings.budget_capped,
         schema.RECIPE_SOURCE: settings.recipe_source,
         schema.PAPER_SELECTION: settings.paper_selection,
         schema.EXTRAPOLATED: settings.extrapolated,
         schema.METRICS_JSON: json.dumps(metrics, sort_keys=True),
+        schema.HISTORY_JSON: last.get(HISTORY_KEY) or None,
         schema.EPOCHS: epochs,
         schema.BEST_EPOCH: int(best_epoch) if best_epoch is not None else None,
         schema.STEPS: summary.get("steps"),
         schema.WALL_TIME_S: float(wall) if wall is not None else None,
         schema.GPU_HOURS: gpu_hours,
-        schema.GPU_TYPE: gpu_type if gpus > 0 else "cpu",
-        schema.GPU_COUNT: gpu_count if gpus > 0 else 0,
-        schema.PACKAGE_VERSIONS_JSON: provenance.package_versions_json(),
-        schema.GIT_SHA: provenance.git_sha(),
+        schema.CHECKPOINT_BYTES: int(ckpt_bytes) if isinstance(ckpt_bytes, (int, float)) else None,
+        schema.GPU_TYPE: facts.get("gpu_type"),
+        schema.GPU_COUNT: facts.get("gpu_count"),
+        schema.PACKAGE_VERSIONS_JSON: json.dumps(versions, sort_keys=True) if versions else None,
+        schema.GIT_SHA: facts.get("git_sha"),
+        schema.GIT_DIRTY: facts.get("git_dirty"),
         schema.SCHEMA_VERSION_COL: schema.SCHEMA_VERSION,
     }
     for col in _SPLIT_COLUMNS:

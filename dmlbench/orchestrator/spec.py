@@ -22,7 +22,7 @@ from dmlbench.config import TrialConfig
 #: it runs (the resources per trial are resolved against the cluster when the sweep starts)
 RUNTIME_FIELDS = frozenset({
     "output", "address", "storage", "max_concurrent", "name", "dashboard_host", "gpus_per_trial",
-    "cpus_per_trial", "allow_cpu",
+    "cpus_per_trial", "allow_cpu", "checkpoint_period_s", "checkpoint_every_epochs",
 })  # fmt: skip
 EMBEDDED = ("synthetic", "digits")
 BENCHMARKS = ("cub200", "cars196", "sop", "inshop")
@@ -89,6 +89,13 @@ class SweepSpec(BaseModel):
     preset: Literal["smoke"] | None = None
     data_root: str | None = None
     max_failures: int = Field(default=1, ge=0, description="restarts of a trial whose worker died or hit OOM")
+    checkpoint_period_s: float = Field(
+        default=600.0, gt=0, description="hand Tune a resumable checkpoint when this many seconds passed since the "
+        "trial's last one (a lost worker costs at most about this much work)",
+    )  # fmt: skip
+    checkpoint_every_epochs: int | None = Field(
+        default=None, ge=1, description="also hand one every this many epochs (None: by time only)"
+    )
     trial_base: dict[str, Any] = Field(default_factory=dict, description="TrialConfig defaults for every trial")
     recipe_wins: bool = Field(
         default=False,

@@ -1,21 +1,47 @@
-"""``dmlbench status``: trials done / running / pending per cell, and an ETA.
+"""Progress of a sweep: ``dmlbench status``, the live view of a running sweep, and their shared ETA.
 
-Done trials are the row files; running trials come from each cell's progress file, which the
-driver's row writer updates as trials start and end; pending = planned − done − running.
+Sources, all under the sweep folder: the row files (done trials, the truth), and the progress
+files the driver keeps (:func:`dmlbench.orchestrator.sweepdir.write_progress`): per experiment its
+running trials (epoch, latest validation metric) and the start/end of each ended trial; for the
+sweep its trial slots (what the cluster can run at once) and start time.
+
+ETA (:func:`eta_seconds`), from measured trial times only: each cell phase's expected trial time
+is the mean time of its ended trials (else of ended trials of the same phase in other cells; a
+final phase without ended trials uses the longest ended search trial of its cell, since final
+trials are never pruned). Remaining work = the expected rest of every running trial + pending
+trials × their expected time. ETA = remaining work ÷ (slots × the busy fraction measured so far),
+but never less than the longest chain that cannot run in parallel (a running trial's rest; a cell
+still searching, then its final phase).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dmlbench.errors import DmlbenchError
-from dmlbench.orchestrator.spec import SweepSpec
-from dmlbench.orchestrator.sweepdir import PROGRESS_DIR
+from dmlbench.orchestrator.spec import SweepSpec, experiment_name
+from dmlbench.orchestrator.sweepdir import SWEEP_PROGRESS, read_progress
 from dmlbench.results import schema, store
+
+#: seconds between two plain progress lines when the output is not a terminal
+PLAIN_PERIOD_S = 30.0
+
+
+@dataclass
+class RunningTrial:
+    cell: str
+    phase: str
+    trial_id: str
+    started: float
+    epoch: int
+    budget: int
+    metric: float | None
 
 
 @dataclass
@@ -28,73 +54,281 @@ class CellStatus:
     running: int
     statuses: dict[str, int]
     mean_trial_s: float | None
+    #: driver-clock durations (s) of the ended trials of this cell phase
+    durations: list[float] = field(default_factory=list)
+    trials: list[RunningTrial] = field(default_factory=list)
+    best: float | None = None
 
     @property
     def pending(self) -> int:
         return max(0, self.planned - self.done - self.running)
 
 
-def sweep_status(results_dir: Path) -> list[CellStatus]:
-    """Status of every sweep (``sweep.json``) under ``results_dir`` (or of one sweep folder)."""
-    from dmlbench.orchestrator.spec import experiment_name
+@dataclass
+class SweepProgress:
+    """Everything the ETA and the views need about one sweep at one moment."""
 
+    sweep_id: str
+    metric: str
+    cells: list[CellStatus]
+    slots: int | None
+    started: float | None
+    now: float
+
+    @property
+    def running(self) -> list[RunningTrial]:
+        return [t for c in self.cells for t in c.trials]
+
+    def eta_s(self) -> float | None:
+        return eta_seconds(self.cells, slots=self.slots, started=self.started, now=self.now)
+
+
+def _sweep_specs(results_dir: Path) -> list[Path]:
     root = Path(results_dir)
     specs = [root / "sweep.json"] if (root / "sweep.json").exists() else sorted(root.glob("*/sweep.json"))
     if not specs:
         raise DmlbenchError(
             f"no sweep under {str(root)!r} (no */sweep.json); start one with `dmlbench sweep --methods ... --datasets ...`."
         )
-    out: list[CellStatus] = []
-    for path in specs:
-        spec = SweepSpec.model_validate(json.loads(path.read_text())["spec"])
-        rows: list[dict[str, Any]] = []
-        try:
-            df, _ = store.read_rows(path.parent)
-            rows = df.to_dict("records")
-        except DmlbenchError:
-            pass
-        for cell in spec.cells():
-            searched = spec.protocol == "mlrc"  # the paper protocol runs recipes: no search phase
-            for phase, planned in (("search", spec.trials if searched else 0), ("final", spec.final_seeds)):
-                if planned == 0:
-                    continue
+    return specs
+
+
+def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | None = None,
+                   now: float | None = None) -> SweepProgress:  # fmt: skip
+    """The progress of one sweep. ``rows``: its rows (``None``: count the trials the progress files
+    say ended, which is what the live view does instead of re-reading every row file)."""
+    now = time.time() if now is None else now
+    sweep = read_progress(folder, SWEEP_PROGRESS)
+    cells: list[CellStatus] = []
+    for cell in spec.cells():
+        search_done_without_complete = False
+        for phase, planned in (("search", spec.trials), ("final", spec.final_seeds)):
+            if planned == 0:
+                continue
+            prog = read_progress(folder, experiment_name(spec, cell, phase))
+            ended: dict[str, dict[str, Any]] = {k: v for k, v in (prog.get("ended") or {}).items() if isinstance(v, dict)}
+            running = prog.get("running") if isinstance(prog.get("running"), dict) else {}
+            budget = int(prog.get("budget") or spec.epochs)
+            if rows is not None:
                 # one trial per row, except a final trial of fold models: k fold rows + one
                 # concatenated row (protocol ...-concat<k>); count its first row only
                 rows_of = [r for r in rows if r[schema.CELL] == cell.key and r[schema.PHASE] == phase
                            and "-concat" not in str(r[schema.PROTOCOL] or "")]  # fmt: skip
                 mine = list({r[schema.TRIAL_ID]: r for r in reversed(rows_of)}.values())
-                prog = path.parent / PROGRESS_DIR / f"{experiment_name(spec, cell, phase)}.json"
-                running = len(json.loads(prog.read_text())["running"]) if prog.exists() else 0
+                statuses = [str(r[schema.STATUS]) for r in mine]
+                values = [_metric(r, spec.metric) for r in mine]
                 per_trial: dict[Any, float] = {}  # a trial's time: the sum over its fold-model rows
                 for r in rows_of:
-                    w = r[schema.WALL_TIME_S]
-                    if w is not None and w == w:
-                        per_trial[r[schema.TRIAL_ID]] = per_trial.get(r[schema.TRIAL_ID], 0.0) + float(w)
-                times = list(per_trial.values())
-                counts = {s: sum(r[schema.STATUS] == s for r in mine) for s in schema.STATUSES}
-                out.append(CellStatus(spec.sweep_id, cell.key, phase, planned, len(mine), running, counts,
-                                      statistics.mean(times) if times else None))  # fmt: skip
+                    if _num(r.get(schema.WALL_TIME_S)):
+                        per_trial[r[schema.TRIAL_ID]] = per_trial.get(r[schema.TRIAL_ID], 0.0) + float(r[schema.WALL_TIME_S])
+                walls = list(per_trial.values())
+            else:
+                statuses = [str(e.get("status")) for e in ended.values()]
+                values = [e.get("metric") for e in ended.values()]
+                walls = []
+            if phase == "final" and search_done_without_complete:
+                planned = 0  # no complete search trial: the cell's final phase is skipped
+            durations = [float(e["ended"]) - float(e["started"]) for e in ended.values()
+                         if _num(e.get("ended")) and _num(e.get("started"))]  # fmt: skip
+            trials = [RunningTrial(cell.key, phase, tid, float(t.get("started") or now), int(t.get("epoch") or 0),
+                                   budget, t.get("metric") if _num(t.get("metric")) else None)
+                      for tid, t in sorted(running.items())]  # fmt: skip
+            done = len(statuses)
+            scores = [v for v in values if _num(v)] + [t.metric for t in trials if t.metric is not None]
+            best = (max if spec.mode == "max" else min)(scores) if scores else None  # type: ignore[type-var]
+            counts = {s: statuses.count(s) for s in schema.STATUSES}
+            times = walls or durations
+            cells.append(CellStatus(spec.sweep_id, cell.key, phase, planned, min(done, planned) if planned else done,
+                                    len(trials), counts, statistics.mean(times) if times else None,
+                                    durations or walls, trials, best))  # fmt: skip
+            if phase == "search":
+                search_done_without_complete = done >= planned and counts["complete"] == 0
+    slots = sweep.get("slots")
+    started = sweep.get("started")
+    return SweepProgress(spec.sweep_id, spec.metric, cells, int(slots) if _num(slots) else None,
+                         float(started) if _num(started) else None, now)  # fmt: skip
+
+
+def sweep_status(results_dir: Path) -> list[CellStatus]:
+    """Status of every sweep (``sweep.json``) under ``results_dir`` (or of one sweep folder)."""
+    return [c for p in progress_of(results_dir) for c in p.cells]
+
+
+def progress_of(results_dir: Path) -> list[SweepProgress]:
+    out = []
+    for path in _sweep_specs(results_dir):
+        spec = SweepSpec.model_validate(json.loads(path.read_text())["spec"])
+        rows: list[dict[str, Any]] = []
+        try:
+            df, _ = store.read_rows(path.parent)
+            rows = [r for r in df.to_dict("records") if r[schema.SWEEP_ID] == spec.sweep_id]
+        except DmlbenchError:
+            pass
+        out.append(sweep_progress(spec, path.parent, rows))
     return out
 
 
-def eta_seconds(cells: list[CellStatus]) -> float | None:
-    """Remaining trials × mean trial time ÷ the number running now (at least 1); None if unknown."""
-    times = [c.mean_trial_s for c in cells if c.mean_trial_s is not None]
-    if not times:
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _metric(row: dict[str, Any], metric: str) -> float | None:
+    v = row.get(metric)
+    if _num(v):
+        return float(v)
+    try:
+        m = json.loads(row.get(schema.METRICS_JSON) or "{}").get(metric)
+    except (TypeError, ValueError):
         return None
-    remaining = sum(c.pending + c.running for c in cells)
-    parallel = max(1, sum(c.running for c in cells))
-    return remaining * statistics.mean(times) / parallel
+    return float(m) if _num(m) else None
 
 
-def format_status(cells: list[CellStatus]) -> str:
+def _expected(c: CellStatus, cells: list[CellStatus]) -> float | None:
+    """Expected time of one trial of the cell phase ``c`` (see the module doc)."""
+    if c.durations:
+        return statistics.mean(c.durations)
+    if c.phase == "final":
+        search = [d for o in cells if o.cell == c.cell and o.phase == "search" for d in o.durations]
+        if search:
+            return max(search)
+    same = [d for o in cells if o.phase == c.phase for d in o.durations]
+    if same:
+        return statistics.mean(same)
+    anything = [d for o in cells for d in o.durations]
+    return statistics.mean(anything) if anything else None
+
+
+def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: float | None = None,
+                now: float | None = None) -> float | None:  # fmt: skip
+    """Seconds until every planned trial has ended; 0 when nothing is left, None while no trial
+    has ended yet (nothing measured). See the module doc for the model."""
+    now = time.time() if now is None else now
+    if not any(c.pending or c.trials for c in cells):
+        return 0.0
+    work = 0.0
+    chain = 0.0
+    for c in cells:
+        exp = _expected(c, cells)
+        if exp is None:
+            if c.pending or c.trials:
+                return None
+            continue
+        rests = [max(exp - (now - t.started), 0.05 * exp) for t in c.trials]
+        work += sum(rests) + c.pending * exp
+        tail = max(rests, default=0.0) if c.trials else (exp if c.pending else 0.0)
+        if c.phase == "search" and (c.pending or c.trials):
+            final = next((f for f in cells if f.cell == c.cell and f.phase == "final"), None)
+            if final is not None and final.planned:
+                tail += _expected(final, cells) or 0.0
+        chain = max(chain, tail)
+    running_now = sum(len(c.trials) for c in cells)
+    capacity = float(slots) if slots else float(max(1, running_now))
+    capacity *= _busy_fraction(cells, capacity, started, now)
+    return max(work / max(capacity, 1e-9), chain)
+
+
+def _busy_fraction(cells: list[CellStatus], capacity: float, started: float | None, now: float) -> float:
+    """Measured share of the slots that trials kept busy since the sweep started (gaps between
+    trials, scheduling); 1 until a minute of history exists, never below 0.5."""
+    if started is None or now - started < 60:
+        return 1.0
+    busy = sum(sum(c.durations) for c in cells) + sum(now - t.started for c in cells for t in c.trials)
+    return min(1.0, max(0.5, busy / (capacity * (now - started))))
+
+
+def sweep_eta(progress: list[SweepProgress]) -> float | None:
+    """ETA of several sweeps (each with its own slots): the longest; None if any is unknown."""
+    etas = [p.eta_s() for p in progress]
+    if any(e is None for e in etas):
+        return None
+    return max((e for e in etas if e is not None), default=0.0)
+
+
+def format_eta(eta: float | None) -> str:
+    if eta is None:
+        return "unknown (no trial ended yet)"
+    return f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
+
+
+def format_status(cells: list[CellStatus], progress: list[SweepProgress] | None = None) -> str:
     head = f"{'sweep':<22} {'cell':<36} {'phase':<6} {'done':>5} {'running':>7} {'pending':>7}  statuses"
     lines = [head, "-" * len(head)]
     for c in cells:
         st = ", ".join(f"{k}={v}" for k, v in c.statuses.items() if v)
         lines.append(f"{c.sweep_id:<22} {c.cell:<36} {c.phase:<6} {c.done:>5} {c.running:>7} {c.pending:>7}  {st}")
-    eta = eta_seconds(cells)
+    eta = sweep_eta(progress) if progress is not None else eta_seconds(cells)
     total = sum(c.planned for c in cells)
     done = sum(c.done for c in cells)
-    lines.append(f"{done}/{total} trials done; ETA " + (f"{eta / 60:.1f} min" if eta is not None else "unknown"))
+    lines.append(f"{done}/{total} trials done; ETA {format_eta(eta)}")
     return "\n".join(lines)
+
+
+def summary_line(p: SweepProgress) -> str:
+    """One plain line: trials done / running / pending, cells per phase, ETA."""
+    done = sum(c.done for c in p.cells)
+    total = sum(c.planned for c in p.cells)
+    running = sum(c.running for c in p.cells)
+    searching = sum(1 for c in p.cells if c.phase == "search" and (c.running or c.pending))
+    finals = sum(1 for c in p.cells if c.phase == "final" and c.running)
+    return (f"[{time.strftime('%H:%M:%S')}] {done}/{total} trials done, {running} running "
+            f"({searching} cell(s) searching, {finals} in final); ETA {format_eta(p.eta_s())}")  # fmt: skip
+
+
+class LiveView:
+    """What a running sweep shows: on a terminal a rich live table (running trials with cell,
+    epoch/budget and latest validation metric; per cell done/running/pending and best so far; the
+    sweep ETA), refreshed by :meth:`update`; otherwise one plain line every :data:`PLAIN_PERIOD_S`.
+    Event lines (a cell's search ended, its final phase started) go through :meth:`say` either way."""
+
+    def __init__(self, spec: SweepSpec, folder: Path, echo: Any, interactive: bool | None = None):
+        self.spec, self.folder, self.echo = spec, folder, echo
+        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.live: Any = None
+        self.last_plain = time.time()
+        if self.interactive:
+            from rich.live import Live
+
+            self.live = Live(auto_refresh=False, transient=False)
+            self.live.start()
+
+    def say(self, text: str) -> None:
+        if self.live is not None:
+            self.live.console.print(text, highlight=False, soft_wrap=True)
+        else:
+            self.echo(text)
+
+    def update(self, force: bool = False) -> None:
+        p = sweep_progress(self.spec, self.folder)
+        if self.live is not None:
+            self.live.update(render(p), refresh=True)
+        elif force or time.time() - self.last_plain >= PLAIN_PERIOD_S:
+            self.last_plain = time.time()
+            self.echo(summary_line(p))
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.update()
+            self.live.stop()
+            self.live = None
+
+
+def render(p: SweepProgress) -> Any:
+    """The rich renderable of the live view."""
+    from rich.console import Group
+    from rich.table import Table
+
+    cells = Table(title=f"sweep {p.sweep_id}", title_justify="left", expand=False)
+    for col in ("cell", "phase", "done", "running", "pending", f"best {p.metric}"):
+        cells.add_column(col, justify="left" if col in ("cell", "phase") else "right")
+    for c in p.cells:
+        cells.add_row(c.cell, c.phase, str(c.done), str(c.running), str(c.pending),
+                      f"{c.best:.4f}" if c.best is not None else "-")  # fmt: skip
+    trials = Table(title="running trials", title_justify="left", expand=False)
+    for col in ("cell", "phase", "trial", "epoch", f"val {p.metric}", "time"):
+        trials.add_column(col, justify="left" if col in ("cell", "phase", "trial") else "right")
+    for t in p.running:
+        trials.add_row(t.cell, t.phase, t.trial_id, f"{t.epoch}/{t.budget}",
+                       f"{t.metric:.4f}" if t.metric is not None else "-", f"{p.now - t.started:.0f} s")  # fmt: skip
+    done = sum(c.done for c in p.cells)
+    total = sum(c.planned for c in p.cells)
+    return Group(cells, trials, f"{done}/{total} trials done; ETA {format_eta(p.eta_s())}")

@@ -9,12 +9,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from dmlbench.errors import ConfigError, DmlbenchError
 from dmlbench.orchestrator.spec import SweepSpec
 
 SPEC_FILE = "sweep.json"
 PROGRESS_DIR = "progress"
+#: name of the sweep-wide progress file (experiment files are named after their experiment)
+SWEEP_PROGRESS = "_sweep"
 
 
 def sweep_dir(spec: SweepSpec) -> Path:
@@ -63,12 +66,25 @@ def write_spec(spec: SweepSpec) -> None:
     os.replace(tmp, d / SPEC_FILE)
 
 
+def write_progress(sweep_path: Path, name: str, state: dict[str, Any]) -> None:
+    """Atomically write ``progress/<name>.json``: ``state`` (JSON values) plus the time it was written.
 
-
-def write_progress(sweep_path: Path, experiment: str, running: set[str]) -> None:
-    """Atomically record which trials of an experiment are running now."""
+    Per experiment (by :class:`~dmlbench.orchestrator.experiment.RowCallback`): cell, phase, planned
+    trials, epoch budget, running trials (``{id: {started, epoch, metric}}``) and ended ones
+    (``{id: {started, ended, status, metric}}``; times on the driver's clock). :data:`SWEEP_PROGRESS` (by the scheduler): the
+    sweep's trial slots and start time.
+    """
     d = sweep_path / PROGRESS_DIR
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{experiment}.json.tmp"
-    tmp.write_text(json.dumps({"running": sorted(running), "updated": time.time()}))
-    os.replace(tmp, d / f"{experiment}.json")
+    tmp = d / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({**state, "updated": time.time()}))
+    os.replace(tmp, d / f"{name}.json")
+
+
+def read_progress(sweep_path: Path, name: str) -> dict[str, Any]:
+    """What :func:`write_progress` wrote (``{}`` when nothing or an unreadable file)."""
+    try:
+        data = json.loads((sweep_path / PROGRESS_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

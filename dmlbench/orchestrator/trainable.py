@@ -16,13 +16,30 @@ ASHA stops still has its best epoch on record, and the metric the searcher and A
 best validation value so far (the epoch's own value is ``current/<metric>``): a pruned trial hands
 TPE its best-so-far score. A trial of several fold models reports their fold mean
 (:mod:`dmlbench.orchestrator.folds`).
+
+Every report also carries ``dmlbench_history`` (the validation metrics of every evaluated epoch,
+the row's learning curve) and ``dmlbench_provenance``: the GPU model, package versions, git sha +
+dirty flag of the worker that runs the trial and the trial's resolved ``embedding_dim`` /
+``image_size`` / ``bn_policy`` (read here, on the worker, not by the driver).
+
+Checkpoints: the engine keeps ``last.pt`` (resumable, rewritten every epoch) and ``best.pt`` (best
+validation weights) in the trial's working folder on the worker (one per fold model of a group). A
+copy goes to Tune's storage only on a period (``SweepSpec.checkpoint_period_s``, default 10
+minutes, and/or every ``checkpoint_every_epochs``): the ``last.pt`` files plus a small
+``trial_state.json`` (best-so-far and history, so a restored trial keeps them). ``best.pt`` stays on
+the worker, except in the final phase, whose test evaluation needs the best-validation weights even
+after a lost worker. Tune keeps one checkpoint per trial (``CheckpointConfig(num_to_keep=1)``); the
+bytes handed over are reported as ``dmlbench_checkpoint_bytes``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import os
 import shutil
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -39,6 +56,12 @@ ERROR_KEY = "dmlbench_error"
 SEED_KEY = "seed"
 EPOCH_KEY = "trial_epoch"
 SPLIT_HASH_KEY = "dmlbench_split_hash"
+HISTORY_KEY = "dmlbench_history"
+PROVENANCE_KEY = "dmlbench_provenance"
+STARTED_KEY = "dmlbench_started"
+CKPT_BYTES_KEY = "dmlbench_checkpoint_bytes"
+#: file of a Tune checkpoint holding the trainable's own state (best so far, history)
+STATE_FILE = "trial_state.json"
 TIME_ATTR = "epoch"
 #: finite score the searcher gets for diverged/failed trials (metrics live in [0, 1])
 PENALTY = -1.0
@@ -52,19 +75,63 @@ def is_oom(err: BaseException) -> bool:
     return name == "OutOfMemoryError" or "out of memory" in str(err).lower()
 
 
-def restore_checkpoint(output_dir: Path, subdir: str = "checkpoints") -> bool:
+def restore_checkpoint(output_dir: Path, subdir: str = "checkpoints") -> dict[str, Any]:
     """Copy the checkpoint Tune hands back (after a worker failure / restore) into
-    ``output_dir/subdir`` (a fold-model group's checkpoint is its whole work folder: ``subdir=""``)."""
+    ``output_dir/subdir`` (a fold-model group's checkpoint is its whole work folder: ``subdir=""``);
+    returns the trainable state saved with it (``{}`` when none)."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
     if ckpt is None:
-        return False
+        return {}
     dest = output_dir / subdir if subdir else output_dir
     dest.mkdir(parents=True, exist_ok=True)
     with ckpt.as_directory() as src:
         shutil.copytree(src, dest, dirs_exist_ok=True)
-    return True
+    state = dest / STATE_FILE
+    return dict(json.loads(state.read_text())) if state.is_file() else {}
+
+
+def stage_checkpoint(ckpt_dir: Path, files: list[str], state: dict[str, Any],
+                     bytes_before: int) -> tuple[Path, int]:  # fmt: skip
+    """A folder holding ``files`` (paths relative to ``ckpt_dir``; hard links, no copy) and
+    ``state`` as :data:`STATE_FILE`: what Tune uploads. Returns it and the bytes handed to Tune so
+    far (``bytes_before`` + this folder, which the state file records too); the caller removes it."""
+    stage = Path(tempfile.mkdtemp(prefix=".tune-checkpoint-", dir=ckpt_dir.parent))
+    size = 0
+    for rel in files:
+        src, dst = ckpt_dir / rel, stage / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            size += dst.stat().st_size
+    total, text = bytes_before + size, ""
+    for _ in range(3):  # the state file counts itself
+        text = json.dumps({**state, "checkpoint_bytes": total})
+        total = bytes_before + size + len(text.encode())
+    (stage / STATE_FILE).write_text(text)
+    return stage, total
+
+
+def _handed_files(ckpt: Path, final_phase: bool) -> list[str]:
+    """The engine files a checkpoint hands Tune: ``last.pt`` of the model (or of every fold model of
+    a group), and ``best.pt`` too in the final phase; empty when no resumable checkpoint is there."""
+    names = ("last.pt", "best.pt") if final_phase else ("last.pt",)
+    if (ckpt / "last.pt").is_file():
+        return list(names)
+    folds = sorted(p.parent.relative_to(ckpt) for p in ckpt.glob("fold*/checkpoints/last.pt"))
+    return [str(d / n) for d in folds for n in names]
+
+
+def _device_kind(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def summarise(result: Any) -> dict[str, Any]:
@@ -86,6 +153,7 @@ def run_trial(
     split_hash: str | None = None,
     folds: list[int | None] | None = None,
     stops: list[int] | None = None,
+    checkpoint_every: tuple[float, int | None] = (600.0, None),
 ) -> None:
     """Tune function trainable: one trial of one cell (search or final phase).
 
@@ -104,27 +172,47 @@ def run_trial(
         folds: the validation folds of the trial's models (None: the base config's one fold).
         stops: epochs where a group's chunks end (ASHA's rungs in the search, and periodic
             checkpoints): after each chunk the trial reports with a checkpoint of all its models.
+        checkpoint_every: ``(seconds, epochs)``: a new engine checkpoint is handed to Tune when
+            ``seconds`` passed since the last one handed over (or since the trial started), or
+            ``epochs`` epochs (None: by time only).
     """
     from ray import tune
 
+    from dmlbench.results import fields, provenance, schema
     from dmlbench.search_spaces.loader import build_trial_config
 
     trial_dir = Path(tune.get_context().get_trial_dir())
     output_dir = trial_dir / "work"
     output_dir.mkdir(parents=True, exist_ok=True)
-    best: dict[str, float] = {}
     t0 = time.time()
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    group = folds is not None and len(folds) > 1
+    restored = restore_checkpoint(output_dir, "" if group else "checkpoints")
+    best: dict[str, float] = dict(restored.get("best") or {})
+    history: list[dict[str, Any]] = list(restored.get("history") or [])
+    ckpt_bytes = int(restored.get("checkpoint_bytes") or 0)
+    history_metrics = tuple(dict.fromkeys((*schema.METRIC_COLUMNS, metric)))
+    facts: dict[str, Any] = provenance.machine_facts("cpu")
+
+    def common() -> dict[str, Any]:
+        return {
+            BEST_KEY: json.dumps(best),
+            HISTORY_KEY: fields.encode_history(history, history_metrics),
+            PROVENANCE_KEY: json.dumps(facts, sort_keys=True),
+            STARTED_KEY: started,
+            CKPT_BYTES_KEY: ckpt_bytes,
+            SPLIT_HASH_KEY: split_hash or "",
+        }
 
     def final(status: str, error: str | None = None, summary: dict[str, Any] | None = None) -> None:
         score = PENALTY if status != "complete" else float((summary or {}).get("metrics", {}).get(metric, PENALTY))
         tune.report(
             {
+                **common(),
                 metric: score,
                 STATUS_KEY: status,
                 ERROR_KEY: error or "",
-                BEST_KEY: json.dumps(best),
                 SUMMARY_KEY: json.dumps(summary or {"wall_time_s": time.time() - t0}),
-                SPLIT_HASH_KEY: split_hash or "",
             }
         )
 
@@ -133,6 +221,8 @@ def run_trial(
     except Exception as err:
         final("failed", f"{type(err).__name__}: {err}")
         return
+    facts = {**provenance.machine_facts(_device_kind(cfg.device)), "embedding_dim": cfg.embedding_dim,
+             "image_size": cfg.image_size, "bn_policy": cfg.bn_policy}  # fmt: skip
 
     if train_fn is None:
         from dmlbench.engine import train as engine_train
@@ -140,17 +230,24 @@ def run_trial(
         train_fn = engine_train
     run: TrainFn = train_fn
 
-    group = folds is not None and len(folds) > 1
-    restore_checkpoint(output_dir, "" if group else "checkpoints")
+    period_s, every_epochs = checkpoint_every
+    handed_at = [time.time(), int(restored.get("epoch") or 0)]  # time, epoch of the last hand-over
+
+    def due(epoch: int) -> bool:
+        if every_epochs is not None and epoch - handed_at[1] >= every_epochs:
+            return True
+        return time.time() - handed_at[0] >= period_s
 
     def report(epoch: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        nonlocal ckpt_bytes
         clean = _finite(metrics)
         if metric in clean and (not best or clean[metric] > best.get(metric, -math.inf)):
             best.clear()
             best.update(clean)
             best["epoch"] = float(epoch)
-        payload: dict[str, Any] = {**clean, EPOCH_KEY: epoch, BEST_KEY: json.dumps(best), STATUS_KEY: "running",
-                                   SPLIT_HASH_KEY: split_hash or ""}
+        if any(k in clean for k in history_metrics):
+            history.append({"epoch": epoch, **clean})
+        payload: dict[str, Any] = {**clean, EPOCH_KEY: epoch, STATUS_KEY: "running"}
         if epoch < cfg.epochs:
             # ASHA's time attribute; left out of the last epoch's report so the scheduler never stops
             # a trial that already trained fully (it then sends its final report and is "complete")
@@ -162,12 +259,19 @@ def run_trial(
             payload[metric] = best[metric]
         payload.setdefault(metric, PENALTY)
         # only a folder that holds a resumable checkpoint is handed to Tune (the engine may name
-        # its checkpoint folder before the first save, e.g. at the epoch-0 evaluation)
-        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-        if ckpt is not None and ((ckpt / "last.pt").is_file() or any(ckpt.glob("fold*/checkpoints/last.pt"))):
-            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+        # its checkpoint folder before the first save, e.g. at the epoch-0 evaluation), and only
+        # when the checkpoint period says so
+        files = _handed_files(Path(checkpoint_dir), cfg.phase == "final") if checkpoint_dir else []
+        if files and due(epoch):
+            handed_at[:] = [time.time(), epoch]
+            state = {"best": best, "history": history, "epoch": epoch}
+            stage, ckpt_bytes = stage_checkpoint(Path(checkpoint_dir or "."), files, state, ckpt_bytes)
+            try:
+                tune.report({**payload, **common()}, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
         else:
-            tune.report(payload)
+            tune.report({**payload, **common()})
 
     try:
         if group:

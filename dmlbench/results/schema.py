@@ -7,7 +7,8 @@ upgrade older rows with :func:`upgrade` or say which version they need.
 Versions: 1 the first; 2 added ``config_digest`` and ``history_json`` (NULL in upgraded v1 rows;
 readers derive the digest from ``config_json`` with :func:`dmlbench.results.fields.config_digest`);
 3 added ``budget_capped``, ``recipe_source``, ``paper_selection`` and ``extrapolated`` (issue 17:
-protocols and recipes; NULL in upgraded rows).
+protocols and recipes; NULL in upgraded rows);
+4 added ``started_at``, ``checkpoint_bytes`` and ``git_dirty`` (issue 16; NULL in upgraded rows).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # ---- identity ----------------------------------------------------------------------------
 ROW_ID = "row_id"  # unique: <sweep_id>-<cell>-<trial key>
@@ -24,7 +25,8 @@ SWEEP_ID = "sweep_id"
 CELL = "cell"  # "<method>/<dataset>/<backbone>"
 TRIAL_ID = "trial_id"
 SOURCE = "source"  # "dmlbench" | "paper"
-CREATED_AT = "created_at"  # UTC ISO-8601
+CREATED_AT = "created_at"  # UTC ISO-8601: when the row was written
+STARTED_AT = "started_at"  # UTC ISO-8601 (ms): when the trial's last attempt started, on its worker's clock
 # ---- what ran ----------------------------------------------------------------------------
 METHOD = "method"
 DATASET = "dataset"
@@ -63,11 +65,13 @@ BEST_EPOCH = "best_epoch"
 STEPS = "steps"
 WALL_TIME_S = "wall_time_s"
 GPU_HOURS = "gpu_hours"
+CHECKPOINT_BYTES = "checkpoint_bytes"  # bytes of checkpoints the trial handed to Tune's storage
 # ---- provenance --------------------------------------------------------------------------
 GPU_TYPE = "gpu_type"  # e.g. "NVIDIA H200" or "cpu"
 GPU_COUNT = "gpu_count"
 PACKAGE_VERSIONS_JSON = "package_versions_json"
 GIT_SHA = "git_sha"
+GIT_DIRTY = "git_dirty"  # the checkout had uncommitted changes
 SCHEMA_VERSION_COL = "schema_version"
 CITATION = "citation"  # paper rows
 
@@ -84,6 +88,7 @@ SCHEMA = pa.schema(
         pa.field(TRIAL_ID, pa.string()),
         pa.field(SOURCE, pa.string(), nullable=False),
         pa.field(CREATED_AT, pa.string()),
+        pa.field(STARTED_AT, pa.string()),
         pa.field(METHOD, pa.string(), nullable=False),
         pa.field(DATASET, pa.string(), nullable=False),
         pa.field(BACKBONE, pa.string()),
@@ -114,10 +119,12 @@ SCHEMA = pa.schema(
         pa.field(STEPS, pa.int64()),
         pa.field(WALL_TIME_S, pa.float64()),
         pa.field(GPU_HOURS, pa.float64()),
+        pa.field(CHECKPOINT_BYTES, pa.int64()),
         pa.field(GPU_TYPE, pa.string()),
         pa.field(GPU_COUNT, pa.int64()),
         pa.field(PACKAGE_VERSIONS_JSON, pa.string()),
         pa.field(GIT_SHA, pa.string()),
+        pa.field(GIT_DIRTY, pa.bool_()),
         pa.field(SCHEMA_VERSION_COL, pa.int64(), nullable=False),
         pa.field(CITATION, pa.string()),
     ]
@@ -127,6 +134,7 @@ COLUMNS = tuple(SCHEMA.names)
 ADDED_IN: dict[int, tuple[str, ...]] = {
     2: (CONFIG_DIGEST, HISTORY_JSON),
     3: (BUDGET_CAPPED, RECIPE_SOURCE, PAPER_SELECTION, EXTRAPOLATED),
+    4: (STARTED_AT, CHECKPOINT_BYTES, GIT_DIRTY),
 }
 
 
