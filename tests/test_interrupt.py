@@ -1,5 +1,5 @@
 """Ctrl-C stops the whole sweep: SIGINT to the process group of a running ``dmlbench sweep`` (what a
-terminal sends), exit 130 with the command to resume, no new cell, no row from an interrupted trial;
+terminal sends), exit 130 with the command to resume, no new trial, no row from an interrupted trial;
 the rerun continues every interrupted trial from its checkpoint, reruns no finished one and writes
 no duplicate row. A second Ctrl-C exits at once.
 
@@ -85,7 +85,10 @@ def test_first_ctrl_c_stops_the_sweep_and_the_rerun_continues(private_env: dict[
     assert "dmlbench sweep --methods proxyanchor --datasets digits,synthetic" in flat  # the command to resume
 
     lines = log_lines(env)
-    assert not [ln for ln in lines if ln[1] == "synthetic"], "the second cell started after Ctrl-C"
+    # the cells run side by side; after Ctrl-C no trial starts (a trial Tune launched just before the
+    # signal may still log its start while its worker process comes up)
+    late = [ln for ln in lines if ln[0] == "start" and float(ln[4]) > t_sigint + 3.0]
+    assert not late, f"trials started after Ctrl-C: {late}"
     ended = {ln[2] for ln in lines if ln[0] == "end"}
     reported = {}  # trial -> last epoch it reported at least 1 s before the SIGINT
     for ln in lines:

@@ -46,9 +46,9 @@ def trial_slots(spec: SweepSpec) -> int | None:
     if not ray.is_initialized():
         return None
     res = ray.cluster_resources()
-    if spec.gpus_per_trial > 0:
+    if spec.gpus_per_trial:
         return int(res.get("GPU", 0.0) // spec.gpus_per_trial) or None
-    return int(res.get("CPU", 0.0) // spec.cpus_per_trial) or None
+    return int(res.get("CPU", 0.0) // (spec.cpus_per_trial or 1.0)) or None
 
 
 def run_cell(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, say: Printer, out: CellOutcome) -> None:

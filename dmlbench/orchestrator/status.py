@@ -102,13 +102,14 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
     cells: list[CellStatus] = []
     for cell in spec.cells():
         search_done_without_complete = False
-        for phase, planned in (("search", spec.trials), ("final", spec.final_seeds)):
+        searched = spec.protocol == "mlrc"  # the paper protocol trains each cell's recipe, no search
+        for phase, planned in (("search", spec.trials if searched else 0), ("final", spec.final_seeds)):
             if planned == 0:
                 continue
             prog = read_progress(folder, experiment_name(spec, cell, phase))
             ended: dict[str, dict[str, Any]] = {k: v for k, v in (prog.get("ended") or {}).items() if isinstance(v, dict)}
             running = prog.get("running") if isinstance(prog.get("running"), dict) else {}
-            budget = int(prog.get("budget") or spec.epochs)
+            budget = int(prog.get("budget") or spec.epochs or 0)
             if rows is not None:
                 # one trial per row, except a final trial of fold models: k fold rows + one
                 # concatenated row (protocol ...-concat<k>); count its first row only

@@ -1,0 +1,147 @@
+"""Cluster utilisation of a sweep: the concurrent scheduler vs the old one-cell-after-another order.
+
+The real sweep machinery (``orchestrator.sweep.run``: Ray Tune, Optuna, the trainable, rows, the
+leaderboard) on a local Ray with ``--slots`` logical CPUs (one trial per slot), ``--methods`` ×
+``--datasets`` cells, each with ``--trials`` search trials and ``--final-seeds`` final trials. A
+trial's train function only sleeps (``--trial-s`` seconds over ``--epochs`` epochs, no pruning), so
+the work is known exactly: utilisation = trial work / (slots × wall time). Both orders run in this
+process, one after the other, on the same Ray; the sequential order is the same machinery with the
+cells run one at a time (``scheduler.run_cell`` in a loop), which is what the sweep did before.
+
+    python bench/cluster_utilisation.py --slots 8 --trials 8 --final-seeds 3 --trial-s 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from dmlbench.methods.base import Method, MethodParams
+
+METHODS = ("util_a", "util_b", "util_c")
+
+
+class SleepParams(MethodParams):
+    x: float = 0.5
+
+
+class SleepMethod(Method):
+    name = "util_sleep"
+    Params = SleepParams
+
+
+def register() -> None:
+    """Register the sleeping methods (also run in every Ray worker as its setup hook)."""
+    from dmlbench.methods.base import METHODS as REGISTRY
+
+    for m in METHODS:
+        if m not in REGISTRY:
+            REGISTRY.register(m)(SleepMethod)
+
+
+EPOCH_S = 1.0
+
+
+def sleep_train(cfg: Any, report: Any) -> Any:
+    for epoch in range(1, cfg.epochs + 1):
+        time.sleep(EPOCH_S)
+        report(epoch, {"map_at_r": float(cfg.params["x"])}, None)
+    x = float(cfg.params["x"])
+    return SimpleNamespace(metrics={"map_at_r": x}, test_metrics={"map_at_r": x} if cfg.phase == "final" else None,
+                           eval_split="test" if cfg.phase == "final" else "val", best_epoch=cfg.epochs,
+                           epochs_run=cfg.epochs, steps=cfg.epochs, wall_time_s=EPOCH_S * cfg.epochs,
+                           split_hash=None, pretrained_id="none")  # fmt: skip
+
+
+def run_sequential(spec: Any) -> None:
+    """The old order: each cell's search, then its final phase, then the next cell."""
+    from dmlbench.orchestrator import cluster
+    from dmlbench.orchestrator.experiment import CellOutcome
+    from dmlbench.orchestrator.scheduler import run_cell
+    from dmlbench.orchestrator.sweepdir import write_spec
+
+    spec = cluster.resolve_resources(spec, cluster.node_capacity())  # as sweep.run does
+    write_spec(spec)
+    for cell in spec.cells():
+        run_cell(spec, cell, sleep_train, lambda s: None, CellOutcome(cell))
+
+
+def main() -> None:
+    global EPOCH_S
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--methods", type=int, default=3, help=f"how many of {METHODS}")
+    ap.add_argument("--datasets", default="digits,synthetic")
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--final-seeds", type=int, default=3)
+    ap.add_argument("--trial-s", type=float, default=10.0, help="seconds of work per trial")
+    ap.add_argument("--epochs", type=int, default=5)
+    args = ap.parse_args()
+    EPOCH_S = args.trial_s / args.epochs
+    # the sweep driver's Tune settings (sweep.run sets them too): experiment state saved every
+    # second, the legacy reporter (quiet at verbose=0)
+    os.environ.update({"TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_AIR_NEW_OUTPUT": "0"})
+
+    import ray
+    import ray.cloudpickle as cp
+
+    from dmlbench.orchestrator import sweep
+    from dmlbench.orchestrator.spec import SweepSpec
+    from dmlbench.results import schema, store
+    from dmlbench.search_spaces import loader
+
+    register()
+    cp.register_pickle_by_value(sys.modules[__name__])
+    tmp = Path(tempfile.mkdtemp(prefix="util"))
+    spaces = tmp / "spaces"
+    spaces.mkdir()
+    for m in METHODS:
+        (spaces / f"{m}.yaml").write_text(f"method: {m}\nparams:\n  - {{name: x, type: float, low: 0.1, high: 0.9}}\n")
+    loader.SPACES_DIR = spaces
+    ray_tmp = tempfile.mkdtemp(prefix="ru", dir="/tmp")
+    ray.init(num_cpus=args.slots, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp,
+             runtime_env={"worker_process_setup_hook": register})  # fmt: skip
+    results = {}
+    try:
+        for order in ("concurrent", "sequential"):
+            spec = SweepSpec(methods=METHODS[: args.methods], datasets=tuple(args.datasets.split(",")),
+                             backbones=("tiny",), trials=args.trials, epochs=args.epochs, grace_period=args.epochs,
+                             final_seeds=args.final_seeds, folds=3, cpus_per_trial=1, name=order,
+                             output=str(tmp / order), trial_base={"pretrained": False})  # fmt: skip
+            t0 = time.perf_counter()
+            if order == "concurrent":
+                sweep.run(spec, train_fn=sleep_train, echo=lambda s: None)
+            else:
+                run_sequential(spec)
+            wall = time.perf_counter() - t0
+            rows, _ = store.read_rows(tmp / order)
+            n = len(spec.cells()) * (args.trials + args.final_seeds)
+            if len(rows) != n or set(rows[schema.STATUS]) != {"complete"}:
+                raise SystemExit(f"benchmark invalid ({order}): {len(rows)} rows, statuses "
+                                 f"{rows[schema.STATUS].value_counts().to_dict()} (expected {n} complete)")  # fmt: skip
+            work = float(rows[schema.EPOCHS].sum()) * EPOCH_S
+            results[order] = (wall, work)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    cells = args.methods * len(args.datasets.split(","))
+    print(f"{args.slots} slots; {cells} cells x ({args.trials} search + {args.final_seeds} final) trials of "
+          f"{args.trial_s:.0f} s ({args.epochs} epochs, no pruning)")
+    print(f"{'order':<11} {'wall s':>8} {'work s':>8} {'utilisation':>12}")
+    for order, (wall, work) in results.items():
+        print(f"{order:<11} {wall:>8.1f} {work:>8.1f} {work / (args.slots * wall):>11.1%}")
+    (cw, _), (sw, _) = results["concurrent"], results["sequential"]
+    print(f"concurrent / sequential wall time: {cw / sw:.2f} (sequential takes {sw / cw:.2f}x as long)")
+
+
+if __name__ == "__main__":
+    main()
