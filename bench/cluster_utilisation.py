@@ -3,7 +3,8 @@
 The real sweep machinery (``orchestrator.sweep.run``: Ray Tune, Optuna, the trainable, rows, the
 leaderboard) on a local Ray with ``--slots`` logical CPUs (one trial per slot), ``--methods`` ×
 ``--datasets`` cells, each with ``--trials`` search trials and ``--final-seeds`` final trials. A
-trial's train function only sleeps (``--trial-s`` seconds over ``--epochs`` epochs, no pruning), so
+trial's train function only sleeps (``--trial-s`` seconds over ``--epochs`` epochs, no pruning; a
+final seed's two fold models sleep half each, so it is one trial's work too), so
 the work is known exactly: utilisation = trial work / (slots × wall time). Both orders run in this
 process, one after the other, on the same Ray; the sequential order is the same machinery with the
 cells run one at a time (``scheduler.run_cell`` in a loop), which is what the sweep did before.
@@ -47,16 +48,22 @@ def register() -> None:
 
 
 EPOCH_S = 1.0
+FOLDS = 2
+
+
+def epoch_s(phase: str) -> float:
+    """A final seed trains the FOLDS fold models one after the other: each sleeps 1/FOLDS of a trial."""
+    return EPOCH_S / FOLDS if phase == "final" else EPOCH_S
 
 
 def sleep_train(cfg: Any, report: Any) -> Any:
     for epoch in range(1, cfg.epochs + 1):
-        time.sleep(EPOCH_S)
+        time.sleep(epoch_s(cfg.phase))
         report(epoch, {"map_at_r": float(cfg.params["x"])}, None)
     x = float(cfg.params["x"])
     return SimpleNamespace(metrics={"map_at_r": x}, test_metrics={"map_at_r": x} if cfg.phase == "final" else None,
                            eval_split="test" if cfg.phase == "final" else "val", best_epoch=cfg.epochs,
-                           epochs_run=cfg.epochs, steps=cfg.epochs, wall_time_s=EPOCH_S * cfg.epochs,
+                           epochs_run=cfg.epochs, steps=cfg.epochs, wall_time_s=epoch_s(cfg.phase) * cfg.epochs,
                            split_hash=None, pretrained_id="none")  # fmt: skip
 
 
@@ -113,7 +120,7 @@ def main() -> None:
         for order in ("concurrent", "sequential"):
             spec = SweepSpec(methods=METHODS[: args.methods], datasets=tuple(args.datasets.split(",")),
                              backbones=("tiny",), trials=args.trials, epochs=args.epochs, grace_period=args.epochs,
-                             final_seeds=args.final_seeds, folds=3, cpus_per_trial=1, name=order,
+                             final_seeds=args.final_seeds, folds=FOLDS, search_folds=1, cpus_per_trial=1, name=order,
                              output=str(tmp / order), trial_base={"pretrained": False})  # fmt: skip
             t0 = time.perf_counter()
             if order == "concurrent":
@@ -122,11 +129,13 @@ def main() -> None:
                 run_sequential(spec)
             wall = time.perf_counter() - t0
             rows, _ = store.read_rows(tmp / order)
-            n = len(spec.cells()) * (args.trials + args.final_seeds)
+            # a final seed: one row per fold model and one for their concatenated embedding
+            n = len(spec.cells()) * (args.trials + args.final_seeds * (FOLDS + 1))
             if len(rows) != n or set(rows[schema.STATUS]) != {"complete"}:
                 raise SystemExit(f"benchmark invalid ({order}): {len(rows)} rows, statuses "
                                  f"{rows[schema.STATUS].value_counts().to_dict()} (expected {n} complete)")  # fmt: skip
-            work = float(rows[schema.EPOCHS].sum()) * EPOCH_S
+            models = rows[~rows[schema.PROTOCOL].astype(str).str.contains("-concat")]
+            work = float(sum(e * epoch_s(ph) for e, ph in zip(models[schema.EPOCHS], models[schema.PHASE])))
             results[order] = (wall, work)
     finally:
         ray.shutdown()

@@ -67,7 +67,7 @@ def make_spec(out: str) -> Any:
     from dmlbench.orchestrator.spec import SweepSpec
 
     return SweepSpec(methods=("fake_s3",), datasets=("digits",), backbones=("tiny",), trials=3, epochs=EPOCHS,
-                     grace_period=EPOCHS, final_seeds=1, folds=3, max_concurrent=1, output=out, name="s3",
+                     grace_period=EPOCHS, final_seeds=1, folds=2, search_folds=1, max_concurrent=1, output=out, name="s3",
                      storage="s3://dml-bucket/sweeps", trial_base={"pretrained": False},
                      checkpoint_every_epochs=1)  # fmt: skip
 
@@ -149,7 +149,7 @@ def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
         for t in temps:
             shutil.rmtree(t, ignore_errors=True)
     df, warnings = store.read_rows(out)
-    assert warnings == [] and len(df) == 4 and df[schema.ROW_ID].is_unique
+    assert warnings == [] and len(df) == 6 and df[schema.ROW_ID].is_unique  # 3 search, 2 fold models + concat
     assert set(df[schema.STATUS]) == {"complete"}
     assert (df[schema.CHECKPOINT_BYTES] > 0).all()
     starts = _starts(log)

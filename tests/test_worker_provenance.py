@@ -88,7 +88,7 @@ def test_rows_carry_the_workers_provenance(tmp_path: Path, monkeypatch: pytest.M
         cluster.add_node(num_cpus=2, env_vars={"GIT_DIR": str(repo / ".git")})
         ray.init(address=cluster.address, log_to_driver=False, runtime_env={"worker_process_setup_hook": register})
         spec = SweepSpec(methods=("fake_prov",), datasets=("digits",), backbones=("tiny",), trials=3, epochs=1,
-                         grace_period=1, final_seeds=0, folds=3, output=str(tmp_path / "out"), name="prov",
+                         grace_period=1, final_seeds=0, folds=3, search_folds=1, output=str(tmp_path / "out"), name="prov",
                          trial_base={"pretrained": False, "image_size": 20, "bn_policy": "frozen_all"})  # fmt: skip
         sweep.run(spec, train_fn=prov_train, echo=lambda s: None)
     finally:
