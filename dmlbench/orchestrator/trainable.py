@@ -231,12 +231,13 @@ def run_trial(
     run: TrainFn = train_fn
 
     period_s, every_epochs = checkpoint_every
-    handed_at = [time.time(), int(restored.get("epoch") or 0)]  # time, epoch of the last hand-over
+    # time of the last hand-over, and epochs reported since (a fold-model group's models each count
+    # their own epochs from 1, so epoch numbers alone cannot say how many passed)
+    handed_at, since = [time.time()], [0]
 
     def due(epoch: int) -> bool:
-        if every_epochs is not None and epoch - handed_at[1] >= every_epochs:
-            return True
-        return time.time() - handed_at[0] >= period_s
+        since[0] += epoch > 0
+        return (every_epochs is not None and since[0] >= every_epochs) or time.time() - handed_at[0] >= period_s
 
     def report(epoch: int, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         nonlocal ckpt_bytes
@@ -262,8 +263,8 @@ def run_trial(
         # its checkpoint folder before the first save, e.g. at the epoch-0 evaluation), and only
         # when the checkpoint period says so
         files = _handed_files(Path(checkpoint_dir), cfg.phase == "final") if checkpoint_dir else []
-        if files and due(epoch):
-            handed_at[:] = [time.time(), epoch]
+        if due(epoch) and files:
+            handed_at[0], since[0] = time.time(), 0
             state = {"best": best, "history": history, "epoch": epoch}
             stage, ckpt_bytes = stage_checkpoint(Path(checkpoint_dir or "."), files, state, ckpt_bytes)
             try:
