@@ -121,7 +121,8 @@ def build_row(
         schema.DATASET: cell.dataset,
         schema.BACKBONE: cell.backbone,
         schema.PRETRAINED: summary.get("pretrained_id") or _pretrained_label(base),
-        schema.EMBEDDING_DIM: facts.get("embedding_dim", base.get("embedding_dim")),
+        # a concatenated row's dimension is its fold models' together (the sink sets it in ``base``)
+        schema.EMBEDDING_DIM: base.get("embedding_dim") if concatenated else facts.get("embedding_dim", base.get("embedding_dim")),
         schema.IMAGE_SIZE: facts.get("image_size", base.get("image_size")),
         schema.BN_POLICY: facts.get("bn_policy", base.get("bn_policy")),
         schema.PROTOCOL: protocol_label(spec, concatenated),
