@@ -1,9 +1,9 @@
 """SOP-sized evaluation on CPU: dmlbench's evaluate_embeddings vs PML's AccuracyCalculator.
 
 The embeddings have the shape of Stanford Online Products' test split: 60,502 items in 11,316
-classes of 2-12 items (a seeded size distribution, exponentially decaying from 2 like SOP's, with
-mean 60,502 / 11,316 = 5.35 and exactly these totals), 512 dimensions, class centres plus
-Gaussian noise, L2-normalised. Both sides get the same float32 file.
+classes of 2-12 items (seeded sizes ``2 + Binomial(10, p)`` with mean 60,502 / 11,316 = 5.35 and
+exactly these totals, as the full-size SOP stand-in of ``tests/fixtures/standins.py``), 512
+dimensions, class centres plus Gaussian noise, L2-normalised. Both sides get the same float32 file.
 
 * **dmlbench**: ``evaluate_embeddings`` with every metric (MAP@R, R-Precision, P@1, Recall@k,
   NMI and F1), cosine distance, the default backend. Recall@k at ``--recall-ks``, by default
@@ -44,48 +44,21 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fixtures.standins import class_sizes  # noqa: E402  (the stand-in SOP's class sizes)
+
 SOP_ITEMS, SOP_CLASSES = 60_502, 11_316
 SHARED = {"precision_at_1": "precision_at_1", "r_precision": "r_precision",
           "mean_average_precision_at_r": "map_at_r", "NMI": "nmi"}
 RETRIEVAL_SHARED = ("precision_at_1", "r_precision", "map_at_r")
 
 
-def class_sizes(items: int, classes: int, lo: int, hi: int, rng: np.random.Generator) -> np.ndarray:
-    """``classes`` sizes in ``[lo, hi]`` summing to ``items``: p(s) ∝ exp(-(s - lo) / τ), τ set by
-    bisection so the mean is ``items / classes``, then single items moved until the sum is exact.
-
-    Example:
-        >>> s = class_sizes(60_502, 11_316, 2, 12, np.random.default_rng(0))
-        >>> int(s.sum()), int(s.min()), int(s.max()), len(s)
-        (60502, 2, 12, 11316)
-    """
-    if not lo * classes <= items <= hi * classes:
-        raise SystemExit(f"{items} items cannot form {classes} classes of {lo}-{hi}")
-    support = np.arange(lo, hi + 1)
-    target = items / classes
-
-    def mean(tau: float) -> float:
-        p = np.exp(-(support - lo) / tau)
-        return float((support * p).sum() / p.sum())
-
-    a, b = 1e-3, 1e3
-    for _ in range(200):
-        mid = (a * b) ** 0.5
-        a, b = (mid, b) if mean(mid) < target else (a, mid)
-    p = np.exp(-(support - lo) / a)
-    sizes = rng.choice(support, size=classes, p=p / p.sum())
-    while (diff := items - int(sizes.sum())) != 0:
-        step = 1 if diff > 0 else -1
-        room = np.flatnonzero(sizes < hi if step > 0 else sizes > lo)
-        pick = rng.choice(room, size=min(abs(diff), len(room)), replace=False)
-        sizes[pick] += step
-    return sizes
-
-
 def make_data(items: int, classes: int, dim: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Class-structured, L2-normalised float32 embeddings and their labels (shuffled order)."""
     rng = np.random.default_rng(seed)
-    sizes = class_sizes(items, classes, 2, 12, rng)
+    sizes = class_sizes(classes, items, 2, 12, rng)
     labels = rng.permutation(np.repeat(np.arange(classes), sizes)).astype(np.int64)
     centres = rng.standard_normal((classes, dim), dtype=np.float32)
     emb = centres[labels] + noise * rng.standard_normal((items, dim), dtype=np.float32)

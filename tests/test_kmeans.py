@@ -114,3 +114,16 @@ def test_pruned_assignment_equals_full_search_every_iteration(backend: str, monk
     monkeypatch.setattr(metrics_mod, "_lloyd_step", always_full)
     assert np.array_equal(kmeans_assign(x, 400, seed=2, backend=backend), pruned)
     assert len(searched) >= 3 and searched[-1] < 400  # several iterations, the last ones moved few centroids
+
+
+def test_nmi_and_f1_with_thousands_of_classes_match_sklearn() -> None:
+    """NMI/F1 count only the non-zero contingency cells (a dense 11k x 11k table was 1 GB)."""
+    from sklearn.metrics import normalized_mutual_info_score
+    from sklearn.metrics.cluster import pair_confusion_matrix
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5_000, 20_000)
+    clusters = np.where(rng.random(20_000) < 0.7, labels * 7 + 1, rng.integers(0, 6_000, 20_000))
+    assert nmi(labels, clusters) == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-10)
+    (_tn, fp), (fn, tp) = pair_confusion_matrix(labels, clusters)
+    assert pair_f1(labels, clusters) == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)

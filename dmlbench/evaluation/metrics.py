@@ -194,6 +194,20 @@ def contingency(labels: np.ndarray, clusters: np.ndarray) -> np.ndarray:
     return table
 
 
+def _sparse_contingency(labels: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero cells of :func:`contingency` ``[m, 3]`` (class, cluster, count) and its row
+    and column sums, without the dense table (11,316 classes × 11,316 clusters at SOP size
+    would be 1 GB of int64)."""
+    labels, clusters = np.asarray(labels).ravel(), np.asarray(clusters).ravel()
+    if labels.shape != clusters.shape:
+        raise ValueError(f"labels and clusters differ in length: {labels.shape[0]} vs {clusters.shape[0]}")
+    li = np.unique(labels, return_inverse=True)[1].ravel().astype(np.int64)
+    ci = np.unique(clusters, return_inverse=True)[1].ravel().astype(np.int64)
+    width = int(ci.max(initial=-1)) + 1
+    keys, counts = np.unique(li * width + ci, return_counts=True)
+    return np.stack([keys // max(width, 1), keys % max(width, 1), counts], axis=1), np.bincount(li), np.bincount(ci)
+
+
 def _entropy(counts: np.ndarray) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
@@ -212,17 +226,15 @@ def nmi(labels: np.ndarray, clusters: np.ndarray) -> float:
         >>> round(nmi(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])), 6)
         0.0
     """
-    table = contingency(labels, clusters).astype(np.float64)
-    n = table.sum()
+    cells, rows, cols = _sparse_contingency(labels, clusters)
+    n = float(rows.sum())
     if n == 0:
         raise ValueError("NMI of an empty set")
-    h_y, h_c = _entropy(table.sum(1)), _entropy(table.sum(0))
+    h_y, h_c = _entropy(rows), _entropy(cols)
     if h_y == 0.0 and h_c == 0.0:
         return 1.0
-    joint = table / n
-    py, pc = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    nz = joint > 0
-    mi = float((joint[nz] * np.log(joint[nz] / (py @ pc)[nz])).sum())
+    n_ij = cells[:, 2].astype(np.float64)  # I = Σ (n_ij / n) log(n · n_ij / (a_i b_j)) over the non-zero cells
+    mi = float((n_ij / n * np.log(n * n_ij / (rows[cells[:, 0]].astype(np.float64) * cols[cells[:, 1]]))).sum())
     return max(0.0, min(1.0, mi / ((h_y + h_c) / 2)))
 
 
@@ -245,9 +257,9 @@ def pair_f1(labels: np.ndarray, clusters: np.ndarray) -> float:
         >>> round(pair_f1(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])), 6)
         0.4
     """
-    table = contingency(labels, clusters)
-    tp = _pairs(table)
-    same_cluster, same_class = _pairs(table.sum(0)), _pairs(table.sum(1))
+    cells, rows, cols = _sparse_contingency(labels, clusters)
+    tp = _pairs(cells[:, 2])
+    same_cluster, same_class = _pairs(cols), _pairs(rows)
     if same_cluster == 0 or same_class == 0:
         return 1.0 if same_cluster == same_class else 0.0
     if tp == 0:
