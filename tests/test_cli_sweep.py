@@ -138,7 +138,7 @@ def test_validate_reports_missing_benchmark_before_ray(tmp_path: Path) -> None:
 
     spec = SweepSpec(methods=("proxyanchor",), datasets=("cub200",), output=str(tmp_path),
                      data_root=str(tmp_path / "nodata"))  # fmt: skip
-    with pytest.raises(DatasetError, match="cub200 is missing"):
+    with pytest.raises(DatasetError, match=r"data root .*nodata does not exist.*CUB_200_2011"):
         sweep.validate(spec)
 
 

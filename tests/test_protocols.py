@@ -185,7 +185,7 @@ def test_dry_run_without_datasets_prints_the_plan(tmp_path: Path, monkeypatch: p
     assert not list((tmp_path / "r").glob("*/sweep.json"))  # a dry run starts no sweep
     # without --dry-run the missing data is an error before anything starts
     res = runner.invoke(app, args[:-3] + ["--output", str(tmp_path / "r")])
-    assert res.exit_code != 0 and "not usable" in res.output
+    assert res.exit_code != 0 and "no data root for cub200 and sop" in res.output
 
 
 def test_dry_run_json_has_every_resolved_config_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -285,7 +285,7 @@ CASES: list[Case] = [
     Case("dataset-missing-list-file", lambda t: _cub(t, _cub_missing_list), ("image_class_labels.txt",)),
     Case("dataset-binary-list-file", lambda t: _cub(t, _cub_binary_list), ("not a text list file",)),
     # a dry run prints the plan without the datasets (issue 17); a real sweep stops before starting
-    Case("sweep-dataset-missing", lambda t: ["sweep", "--methods", "triplet", "--datasets", "cub200", "--data-root", str(t / "nodata"), "--output", str(t / "results")], ("cub200 is missing",)),
+    Case("sweep-dataset-missing", lambda t: ["sweep", "--methods", "triplet", "--datasets", "cub200", "--data-root", str(t / "nodata"), "--output", str(t / "results")], ("nodata does not exist", "CUB_200_2011")),
     # -- checkpoints ---------------------------------------------------------------------------------
     Case("checkpoint-corrupt", _corrupt_checkpoint, ("cannot be read", "delete it")),
     Case("checkpoint-other-method", _foreign_checkpoint, ("method='proxyanchor'", "triplet")),

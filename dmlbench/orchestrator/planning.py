@@ -123,7 +123,8 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
             load_space(m, spec.search_space if m == override_method else None)
         for cell in spec.cells():
             check_space(spec, cell, spec.search_space if cell.method == override_method else None)
-    problems = []
+    problems: list[str] = []
+    bad: list[Any] = []
     for d in spec.datasets:
         ds_cls = DATASETS.get(d)
         if getattr(ds_cls, "embedded", False):
@@ -137,11 +138,13 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
         kwargs = dict(spec.trial_base.get("dataset_kwargs") or {})  # e.g. --subset's expect_full=False
         chk = ds_cls(spec.data_root or os.environ.get("DMLBENCH_DATA"), **kwargs).check()
         if not chk.usable:
+            bad.append(chk)
             problems.append(f"{d} is {chk.status} ({chk.message})")
-    if problems and need_data:
-        raise DatasetError(
-            "datasets not usable: " + "; ".join(problems) + "; set --data-root or $DMLBENCH_DATA (see docs/datasets.md)."
-        )
+    if bad and need_data:
+        from dmlbench.datasets.checks import unusable_message
+
+        # one or two sentences with the fix said once (several missing datasets share one root)
+        raise DatasetError(unusable_message(bad, spec.data_root) or "; ".join(problems))
     cluster.check_writable(Path(spec.output))
     return problems
 

@@ -154,12 +154,16 @@ def incomplete_cells(outcomes: list[CellOutcome], spec: SweepSpec) -> list[str]:
 
 
 def summary_table(outcomes: list[CellOutcome], spec: SweepSpec) -> str:
-    """Plain text: per cell, trial statuses, best val metric, final test mean ± std over seeds (each
-    seed the mean of its fold models)."""
+    """Plain text: per cell, trial statuses, best val metric and the final test metric over seeds
+    (each seed the mean of its fold models), in %, saying which spread it shows (95 % CI from 3
+    seeds, else ± std with n; :func:`dmlbench.results.leaderboard.format_mean_spread`)."""
     import statistics
 
-    head = f"{'cell':<36} {'complete':>8} {'pruned':>6} {'diverged':>8} {'failed':>6} {'val ' + spec.metric:>14} {'test ' + spec.metric:>18}"
-    lines = [head, "-" * len(head)]
+    from dmlbench.results.leaderboard import format_mean_spread
+
+    head = (f"{'cell':<36} {'complete':>8} {'pruned':>6} {'diverged':>8} {'failed':>6} {'val ' + spec.metric + ' %':>16}"
+            f"  {'test ' + spec.metric + ' %'}")  # fmt: skip
+    lines = [head, "-" * (len(head) + 16)]
     for o in outcomes:
         search = [r for r in o.rows.values() if r[schema.PHASE] == "search"]
         counts = {s: sum(r[schema.STATUS] == s for r in search) for s in schema.STATUSES}
@@ -170,15 +174,10 @@ def summary_table(outcomes: list[CellOutcome], spec: SweepSpec) -> str:
                     and "-concat" not in str(r[schema.PROTOCOL])):  # fmt: skip
                 per_seed.setdefault(r[schema.SEED], []).append(float(r[spec.metric]))
         finals = [statistics.mean(v) for v in per_seed.values()]
-        val = f"{o.best_score:.4f}" if o.best_score is not None else "-"
-        if len(finals) >= 2:
-            test = f"{statistics.mean(finals):.4f}±{statistics.stdev(finals):.4f}"
-        elif finals:
-            test = f"{finals[0]:.4f}"
-        else:
-            test = "-"
+        val = f"{100 * o.best_score:.2f}" if o.best_score is not None else "-"
+        test = format_mean_spread(finals)
         lines.append(f"{o.cell.key:<36} {counts['complete']:>8} {counts['pruned']:>6} {counts['diverged']:>8} "
-                     f"{counts['failed']:>6} {val:>14} {test:>18}")  # fmt: skip
+                     f"{counts['failed']:>6} {val:>16}  {test}")  # fmt: skip
     return "\n".join(lines)
 
 
