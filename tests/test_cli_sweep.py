@@ -219,3 +219,13 @@ def test_resume_refuses_a_changed_search_space(tmp_path: Path) -> None:
     assert check_resume(spec, resume=True, force=True) == spec
     # without --name the edited space gives another sweep id: a new sweep, never mixed rows
     assert unnamed.sweep_id != before_id
+
+
+def test_embedded_only_sweeps_default_to_three_folds() -> None:
+    """docs/protocol.md: 4 folds by default, 3 for the embedded datasets (digits has 6 training classes)."""
+    from dmlbench.orchestrator.planning import build_spec
+
+    assert build_spec(methods="ccp", datasets="embedded").folds == 3
+    assert build_spec(methods="ccp", datasets="embedded", folds=2).folds == 2
+    assert build_spec(methods="ccp", datasets="cub200").folds == 4
+    assert build_spec(methods="ccp", datasets="digits,cub200").folds == 4

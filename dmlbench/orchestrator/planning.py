@@ -21,6 +21,9 @@ from dmlbench.orchestrator import cluster
 from dmlbench.orchestrator.spec import BENCHMARKS, EMBEDDED, MLRC_BACKBONE, Cell, SweepSpec
 from dmlbench.results import schema, store
 
+#: default fold count of a sweep over embedded datasets only (digits has 6 training classes)
+EMBEDDED_FOLDS = 3
+
 
 # ---- CLI options → spec ---------------------------------------------------------------------------
 def build_spec(
@@ -70,6 +73,9 @@ def build_spec(
     for key, value in options.items():
         if value is not None:
             data[key] = str(value) if isinstance(value, Path) else value
+    if "folds" not in data and all(d in EMBEDDED for d in dlist):
+        # the embedded datasets have few training classes (digits: 6): 3 folds of 2 (docs/protocol.md)
+        data["folds"] = EMBEDDED_FOLDS
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as err:
