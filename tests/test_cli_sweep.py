@@ -58,7 +58,7 @@ def test_full_option_set_builds_exact_spec(captured: list[dict[str, Any]], tmp_p
 def test_defaults_and_expansions(captured: list[dict[str, Any]]) -> None:
     assert invoke("sweep", "--methods", "proxyanchor", "--datasets", "embedded", "--dry-run").exit_code == 0
     spec = captured[-1]["spec"]
-    assert spec == SweepSpec(methods=("proxyanchor",), datasets=("synthetic", "digits"))
+    assert spec == SweepSpec(methods=("proxyanchor",), datasets=("synthetic", "digits"), folds=3)  # embedded only: 3 folds
     assert captured[-1]["dry_run"] is True
     assert invoke("sweep", "--methods", "proxyanchor", "--datasets", "all").exit_code == 0
     assert captured[-1]["spec"].datasets == ("cub200", "cars196", "sop", "inshop")
