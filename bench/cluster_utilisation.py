@@ -78,7 +78,8 @@ def fold_test_embedding(cfg: Any) -> Any:
     table = DATASETS.get(cfg.dataset)().table()
     labels = torch.as_tensor(table.labels[table.split == "test"])
     g = torch.Generator().manual_seed(cfg.seed * 10 + (cfg.fold or 0))
-    emb = torch.nn.functional.one_hot(labels, 10).float() + 0.5 * torch.randn(len(labels), 10, generator=g)
+    n = int(labels.max()) + 1
+    emb = torch.nn.functional.one_hot(labels, n).float() + 0.5 * torch.randn(len(labels), n, generator=g)
     return torch.nn.functional.normalize(emb, dim=1)
 
 
