@@ -129,8 +129,7 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
             load_space(m, spec.search_space if m == override_method else None)
         for cell in spec.cells():
             check_space(spec, cell, spec.search_space if cell.method == override_method else None)
-    problems: list[str] = []
-    bad: list[Any] = []
+    bad: list[Any] = []  # DatasetCheck of every unusable benchmark
     for d in spec.datasets:
         ds_cls = DATASETS.get(d)
         if getattr(ds_cls, "embedded", False):
@@ -145,7 +144,7 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
         chk = ds_cls(spec.data_root or os.environ.get("DMLBENCH_DATA"), **kwargs).check()
         if not chk.usable:
             bad.append(chk)
-            problems.append(f"{d} is {chk.status} ({chk.message})")
+    problems = [f"{c.name} is {c.status} ({c.message})" for c in bad]
     if bad and need_data:
         from dmlbench.datasets.checks import unusable_message
 
