@@ -22,6 +22,7 @@ The column names of these tables are the constants below; ``docs/results.md`` do
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -614,7 +615,7 @@ def build(
             parts = list(t.groupby([schema.SWEEP_ID, schema.PROTOCOL], dropna=False, sort=True))
             for (sweep_id, protocol), part in parts:
                 key = TableKey(ds, _text(sweep_id), _text(protocol))
-                lb.final[key] = _with_paper(part, extra, sort)
+                lb.final[key] = _with_paper(part, _paper_for(extra, _text(protocol)), sort)
             if not parts and extra is not None and len(extra):
                 lb.final[TableKey(ds)] = extra.reset_index(drop=True)
         if phase in ("all", "search"):
@@ -622,6 +623,24 @@ def build(
             for sweep_id, part in t.groupby(schema.SWEEP_ID, dropna=False, sort=True):
                 lb.search[TableKey(ds, _text(sweep_id))] = part.reset_index(drop=True)
     return lb
+
+
+def _concat_models(protocol: str) -> int | None:
+    """``k`` of a protocol label of concatenated fold-model embeddings (``...-concat<k>``), else None."""
+    m = re.search(r"-concat(\d+)$", protocol)
+    return int(m.group(1)) if m else None
+
+
+def _paper_for(paper: pd.DataFrame | None, protocol: str) -> pd.DataFrame | None:
+    """The published lines that belong beside our lines of ``protocol``: concatenated fold-model
+    embeddings (``...-concat<k>``, same k) beside ours of that kind, every other published line
+    (single models, fold means) beside our single-model tables."""
+    if paper is None or not len(paper):
+        return paper
+    k = _concat_models(protocol)
+    theirs = paper[schema.PROTOCOL].astype(str).map(_concat_models)
+    keep = theirs == k if k is not None else theirs.isna()
+    return paper[keep.to_numpy(dtype=bool)]
 
 
 def _with_paper(ours: pd.DataFrame, paper: pd.DataFrame | None, sort: str) -> pd.DataFrame:

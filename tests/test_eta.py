@@ -1,0 +1,88 @@
+"""The ETA model of ``dmlbench status`` and the live view (:mod:`dmlbench.orchestrator.status`),
+on hand-made progress states whose answer is worked out by hand in each test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dmlbench.orchestrator.status import CellStatus, RunningTrial, eta_seconds
+
+
+def cell(phase: str, planned: int, durations: list[float], running: list[float] = (), key: str = "m/d/b",
+         models: int = 1, **kw: object) -> CellStatus:  # fmt: skip
+    """A cell phase with ended trials of ``durations`` and trials running since the given times."""
+    trials = [RunningTrial(key, phase, f"t{i}", started, 1, 2, None) for i, started in enumerate(running)]
+    return CellStatus("s", key, phase, planned, len(durations), len(trials), {}, None, list(durations), trials,
+                      models=models, **kw)  # fmt: skip
+
+
+def test_nothing_left_is_zero_and_nothing_measured_is_unknown() -> None:
+    assert eta_seconds([cell("search", 2, [3.0, 4.0])], slots=1, now=100.0) == 0.0
+    assert eta_seconds([cell("search", 2, [], running=[99.0])], slots=1, now=100.0) is None
+
+
+def test_pending_work_over_slots_plus_the_running_rest() -> None:
+    # expected 10 s; one trial ran 4 s (6 s left) + 3 pending x 10 s = 36 s of work on 2 slots = 18 s
+    c = cell("search", 5, [10.0], running=[96.0])
+    assert eta_seconds([c], slots=2, now=100.0) == pytest.approx(18.0)
+
+
+def test_busy_fraction_stretches_the_work() -> None:
+    # started 100 s ago on 2 slots, trials kept them busy 100 of 200 slot-s: half the capacity
+    c = cell("search", 4, [50.0, 50.0])
+    assert eta_seconds([c], slots=2, started=0.0, now=100.0) == pytest.approx(2 * 50.0 / (2 * 0.5))
+
+
+def test_final_phase_is_on_the_chain_with_its_models() -> None:
+    # search: 1 pending trial of 10 s, then the final phase (no final measured yet): the longest
+    # search trial (12 s) of 1 model scaled to a final seed's 3 fold models = 36 s; chain 10 + 36
+    search = cell("search", 3, [8.0, 12.0], models=1)
+    final = cell("final", 2, [], models=3)
+    assert eta_seconds([search, final], slots=8, now=100.0) == pytest.approx(10.0 + 36.0)
+
+
+def test_a_measured_final_phase_of_another_cell_comes_first() -> None:
+    search = cell("search", 3, [8.0, 12.0], models=1)
+    final = cell("final", 2, [], models=3)
+    other = cell("final", 2, [20.0, 20.0], key="o/d/b", models=3)
+    assert eta_seconds([search, final, other], slots=8, now=100.0) == pytest.approx(10.0 + 20.0)
+
+
+def test_a_trial_past_its_expected_time_expects_what_longer_trials_took() -> None:
+    # measured 10, 10, 40 (mean 20); a trial running for 30 s: of the trials that ran longer than 30 s
+    # one took 40, so 10 s are left (not the 5 % floor of the old rule)
+    c = cell("search", 4, [10.0, 10.0, 40.0], running=[70.0])
+    assert eta_seconds([c], slots=1, now=100.0) == pytest.approx(10.0)
+    # past every measured trial: a twentieth of the expected time
+    c = cell("search", 4, [10.0, 10.0, 40.0], running=[50.0])
+    assert eta_seconds([c], slots=1, now=100.0) == pytest.approx(1.0)
+
+
+def test_experiment_wrap_up_and_driver_wrap_up_are_counted() -> None:
+    # one experiment closed 2 s after its last trial; the other has 5 s of its running trial left:
+    # chain 5 + 2; the driver's wrap-up (its measured set-up, 4 s) after that
+    closed = cell("search", 1, [10.0], key="a/d/b", closed=52.0, last_end=50.0)
+    running = cell("search", 2, [10.0], running=[95.0], key="b/d/b")
+    assert eta_seconds([closed, running], slots=8, now=100.0) == pytest.approx(7.0)
+    assert eta_seconds([closed, running], slots=8, now=100.0, wrapup=4.0) == pytest.approx(11.0)
+
+
+def test_after_the_last_trial_only_the_driver_wrap_up_is_left() -> None:
+    ended = cell("search", 1, [10.0], closed=99.5, last_end=99.0)
+    assert eta_seconds([ended], slots=1, now=100.0, wrapup=4.0) == pytest.approx(4.0)
+    assert eta_seconds([ended], slots=1, now=100.0) == 0.0
+
+
+def test_status_of_a_finished_sweep_counts_no_wrap_up(tmp_path: Path) -> None:
+    from dmlbench.orchestrator.spec import SweepSpec
+    from dmlbench.orchestrator.status import sweep_progress
+    from dmlbench.orchestrator.sweepdir import SWEEP_PROGRESS, sweep_dir, write_progress
+
+    spec = SweepSpec(methods=("ccp",), datasets=("digits",), trials=1, final_seeds=0, output=str(tmp_path))
+    folder = sweep_dir(spec)
+    write_progress(folder, SWEEP_PROGRESS, {"slots": 1, "started": 10.0, "setup_s": 4.0})
+    assert sweep_progress(spec, folder, rows=[], now=20.0).setup_s == 4.0
+    write_progress(folder, SWEEP_PROGRESS, {"slots": 1, "started": 10.0, "setup_s": 4.0, "ended": 30.0})
+    assert sweep_progress(spec, folder, rows=[], now=40.0).ended == 30.0
