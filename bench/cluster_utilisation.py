@@ -15,16 +15,23 @@ cells run one at a time (``scheduler.run_cell`` in a loop), which is what the sw
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from dmlbench.methods.base import Method, MethodParams
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.fixtures import fake_trials  # noqa: E402  (shipped to the workers by value)
+from tests.fixtures.fake_trials import fold_test_embedding  # noqa: E402
 
 METHODS = ("util_a", "util_b", "util_c")
 
@@ -48,6 +55,8 @@ def register() -> None:
 
 
 EPOCH_S = 1.0
+#: a JSON-lines file each model's work appends to (set before Ray starts; workers get it by value)
+TIMELINE = ""
 FOLDS = 2
 
 
@@ -57,6 +66,10 @@ def epoch_s(phase: str) -> float:
 
 
 def sleep_train(cfg: Any, report: Any) -> Any:
+    if TIMELINE:  # when this model's work started and ended, in which process (for the breakdown)
+        with open(TIMELINE, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "proc_start": process_start(), "start": time.time(),
+                                "work": epoch_s(cfg.phase) * cfg.epochs}) + "\n")  # fmt: skip
     for epoch in range(1, cfg.epochs + 1):
         time.sleep(epoch_s(cfg.phase))
         report(epoch, {"map_at_r": float(cfg.params["x"])}, None)
@@ -68,19 +81,39 @@ def sleep_train(cfg: Any, report: Any) -> Any:
                            test_embedding=fold_test_embedding(cfg) if cfg.phase == "final" else None)  # fmt: skip
 
 
-def fold_test_embedding(cfg: Any) -> Any:
-    """A final fold model's test embedding (the concatenated row evaluates them): the digits test
-    labels one-hot plus seeded noise."""
-    import torch
+def process_start() -> float:
+    """Wall-clock time this process started (Linux: /proc)."""
+    ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = float(next(ln for ln in Path("/proc/stat").read_text().splitlines() if ln.startswith("btime")).split()[1])
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
-    from dmlbench.datasets import DATASETS
 
-    table = DATASETS.get(cfg.dataset)().table()
-    labels = torch.as_tensor(table.labels[table.split == "test"])
-    g = torch.Generator().manual_seed(cfg.seed * 10 + (cfg.fold or 0))
-    n = int(labels.max()) + 1
-    emb = torch.nn.functional.one_hot(labels, n).float() + 0.5 * torch.randn(len(labels), n, generator=g)
-    return torch.nn.functional.normalize(emb, dim=1)
+def breakdown(timeline: Path) -> str:
+    """Where held slot time went besides work: trial processes starting (process start to its first
+    model's work: the interpreter, Ray's worker, imports) and, in a reused process, the gap from one
+    model's end to the next one's start (a trial's wrap-up, Tune's hand-over, the next trial's set-up)."""
+    recs = sorted((json.loads(ln) for ln in timeline.read_text().splitlines()), key=lambda r: r["start"])
+    cold: list[float] = []
+    gaps: list[float] = []
+    last: dict[int, dict[str, float]] = {}
+    for r in recs:
+        prev = last.get(r["pid"])
+        if prev is None:
+            cold.append(r["start"] - r["proc_start"])
+        else:
+            gaps.append(r["start"] - prev["start"] - prev["work"])
+        last[r["pid"]] = r
+    return (f"{len(recs)} models ran in {len(cold)} trial processes; process start to first work "
+            f"{sum(cold) / len(cold):.1f} s mean ({sum(cold):.0f} slot-s); {len(gaps)} models in a reused process "
+            f"started {sum(gaps) / max(len(gaps), 1):.1f} s after the previous one ended ({sum(gaps):.0f} slot-s)")
+
+
+def sample_busy(slots: int, busy: list[float], done: threading.Event) -> None:
+    """How many of the slots Ray has handed out, every 0.25 s until ``done``."""
+    import ray
+
+    while not done.wait(0.25):
+        busy.append(slots - ray.available_resources().get("CPU", 0.0))
 
 
 def run_sequential(spec: Any) -> None:
@@ -97,7 +130,7 @@ def run_sequential(spec: Any) -> None:
 
 
 def main() -> None:
-    global EPOCH_S
+    global EPOCH_S, TIMELINE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--methods", type=int, default=3, help=f"how many of {METHODS}")
@@ -106,6 +139,7 @@ def main() -> None:
     ap.add_argument("--final-seeds", type=int, default=3)
     ap.add_argument("--trial-s", type=float, default=10.0, help="seconds of work per trial")
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--orders", default="concurrent,sequential", help="which orders to run")
     args = ap.parse_args()
     EPOCH_S = args.trial_s / args.epochs
     # the sweep driver's Tune settings (sweep.run sets them too): experiment state saved every
@@ -122,6 +156,7 @@ def main() -> None:
 
     register()
     cp.register_pickle_by_value(sys.modules[__name__])
+    cp.register_pickle_by_value(fake_trials)
     tmp = Path(tempfile.mkdtemp(prefix="util"))
     spaces = tmp / "spaces"
     spaces.mkdir()
@@ -132,17 +167,27 @@ def main() -> None:
     ray.init(num_cpus=args.slots, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp,
              runtime_env={"worker_process_setup_hook": register})  # fmt: skip
     results = {}
+    notes: dict[str, str] = {}
     try:
-        for order in ("concurrent", "sequential"):
+        for order in args.orders.split(","):
             spec = SweepSpec(methods=METHODS[: args.methods], datasets=tuple(args.datasets.split(",")),
                              backbones=("tiny",), trials=args.trials, epochs=args.epochs, grace_period=args.epochs,
                              final_seeds=args.final_seeds, folds=FOLDS, search_folds=1, cpus_per_trial=1, name=order,
                              output=str(tmp / order), trial_base={"pretrained": False})  # fmt: skip
+            TIMELINE = str(tmp / f"{order}-timeline.jsonl")
+            busy: list[float] = []
+            done = threading.Event()
+            sampler = threading.Thread(target=sample_busy, args=(args.slots, busy, done), daemon=True)
             t0 = time.perf_counter()
-            if order == "concurrent":
-                sweep.run(spec, train_fn=sleep_train, echo=lambda s: None)
-            else:
-                run_sequential(spec)
+            sampler.start()
+            try:
+                if order == "concurrent":
+                    sweep.run(spec, train_fn=sleep_train, echo=lambda s: None)
+                else:
+                    run_sequential(spec)
+            finally:
+                done.set()
+                sampler.join()
             wall = time.perf_counter() - t0
             rows, _ = store.read_rows(tmp / order)
             # a final seed: one row per fold model and one for their concatenated embedding
@@ -152,7 +197,8 @@ def main() -> None:
                                  f"{rows[schema.STATUS].value_counts().to_dict()} (expected {n} complete)")  # fmt: skip
             models = rows[~rows[schema.PROTOCOL].astype(str).str.contains("-concat")]
             work = float(sum(e * epoch_s(ph) for e, ph in zip(models[schema.EPOCHS], models[schema.PHASE])))
-            results[order] = (wall, work)
+            results[order] = (wall, work, sum(busy) / max(len(busy), 1))
+            notes[order] = breakdown(Path(TIMELINE))
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -161,11 +207,16 @@ def main() -> None:
     cells = args.methods * len(args.datasets.split(","))
     print(f"{args.slots} slots; {cells} cells x ({args.trials} search + {args.final_seeds} final) trials of "
           f"{args.trial_s:.0f} s ({args.epochs} epochs, no pruning)")
-    print(f"{'order':<11} {'wall s':>8} {'work s':>8} {'utilisation':>12}")
-    for order, (wall, work) in results.items():
-        print(f"{order:<11} {wall:>8.1f} {work:>8.1f} {work / (args.slots * wall):>11.1%}")
-    (cw, _), (sw, _) = results["concurrent"], results["sequential"]
-    print(f"concurrent / sequential wall time: {cw / sw:.2f} (sequential takes {sw / cw:.2f}x as long)")
+    print(f"{'order':<11} {'wall s':>8} {'work s':>8} {'utilisation':>12} {'slots held':>11}")
+    for order, (wall, work, held) in results.items():
+        print(f"{order:<11} {wall:>8.1f} {work:>8.1f} {work / (args.slots * wall):>11.1%} {held / args.slots:>10.1%}")
+    for order, note in notes.items():
+        print(f"{order}: {note}")
+    print("(slots held: the mean share of the slots that Ray had handed to trials, sampled every 0.25 s; the gap to "
+          "utilisation is each trial's own start-up and wrap-up, the gap to 100 % is the driver's scheduling)")
+    if {"concurrent", "sequential"} <= results.keys():
+        cw, sw = results["concurrent"][0], results["sequential"][0]
+        print(f"concurrent / sequential wall time: {cw / sw:.2f} (sequential takes {sw / cw:.2f}x as long)")
 
 
 if __name__ == "__main__":

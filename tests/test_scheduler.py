@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 
 from dmlbench.methods.base import Method, MethodParams
+from tests.fixtures import fake_trials
+from tests.fixtures.fake_trials import fold_test_embedding
 
 pytestmark = pytest.mark.slow
 METHODS_ = ("fake_sched_fast", "fake_sched_slow")
@@ -48,21 +50,6 @@ def register() -> None:
     for name in METHODS_:
         if name not in METHODS:
             METHODS.register(name)(SchedMethod)
-
-
-def fold_test_embedding(cfg: Any) -> Any:
-    """A final fold model's test embedding (the concatenated row evaluates them): the digits test
-    labels one-hot plus seeded noise."""
-    import torch
-
-    from dmlbench.datasets import DATASETS
-
-    table = DATASETS.get(cfg.dataset)().table()
-    labels = torch.as_tensor(table.labels[table.split == "test"])
-    g = torch.Generator().manual_seed(cfg.seed * 10 + (cfg.fold or 0))
-    n = int(labels.max()) + 1
-    emb = torch.nn.functional.one_hot(labels, n).float() + 0.5 * torch.randn(len(labels), n, generator=g)
-    return torch.nn.functional.normalize(emb, dim=1)
 
 
 def sleepy_train(cfg: Any, report: Any) -> Any:
@@ -116,6 +103,7 @@ def ray_2cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     log = tmp_path_factory.mktemp("sched") / "starts.log"
     cp.register_pickle_by_value(sys.modules[__name__])
+    cp.register_pickle_by_value(fake_trials)
     register()
     temp = short_tmp()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
@@ -263,7 +251,7 @@ def test_killed_driver_resumes_every_cell_whatever_its_phase(tmp_path: Path, mon
     spec = make_spec(out, "killed")
     folder = sweep_dir(spec)
     # RAY_ADDRESS: set by a Ray this test process may hold (module fixture); the driver starts its own
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "SCHED_LOG": str(log), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "SCHED_LOG": str(log), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
                                                                               os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     fast = next(c for c in spec.cells() if c.method == "fake_sched_fast")
     temps = [short_tmp(), short_tmp()]
@@ -316,6 +304,7 @@ def driver(out: str, spaces: str, temp: str) -> None:
 
     register()
     cp.register_pickle_by_value(sys.modules[__name__])
+    cp.register_pickle_by_value(fake_trials)
     loader.SPACES_DIR = Path(spaces)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
              runtime_env={"worker_process_setup_hook": register, "env_vars": {"SCHED_LOG": os.environ["SCHED_LOG"]}})  # fmt: skip

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from dmlbench.methods.base import Method, MethodParams
+from tests.fixtures import fake_trials
+from tests.fixtures.fake_trials import fold_test_embedding
 
 pytestmark = pytest.mark.slow
 moto_server = pytest.importorskip("moto.server")
@@ -42,21 +44,6 @@ def register() -> None:
 
     if "fake_s3" not in METHODS:
         METHODS.register("fake_s3")(S3Method)
-
-
-def fold_test_embedding(cfg: Any) -> Any:
-    """A final fold model's test embedding (the concatenated row evaluates them): the digits test
-    labels one-hot plus seeded noise."""
-    import torch
-
-    from dmlbench.datasets import DATASETS
-
-    table = DATASETS.get(cfg.dataset)().table()
-    labels = torch.as_tensor(table.labels[table.split == "test"])
-    g = torch.Generator().manual_seed(cfg.seed * 10 + (cfg.fold or 0))
-    n = int(labels.max()) + 1
-    emb = torch.nn.functional.one_hot(labels, n).float() + 0.5 * torch.randn(len(labels), n, generator=g)
-    return torch.nn.functional.normalize(emb, dim=1)
 
 
 def s3_train(cfg: Any, report: Any) -> Any:
@@ -115,7 +102,7 @@ def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
     spaces.mkdir()
     (spaces / "fake_s3.yaml").write_text("method: fake_s3\nparams:\n  - {name: quality, type: float, low: 0.1, high: 0.9}\n")
     out, log = tmp_path / "out", tmp_path / "starts.log"
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **creds, "S3_LOG": str(log),
            "PYTHONPATH": path}  # fmt: skip
     temps = [tempfile.mkdtemp(prefix="r3", dir="/tmp") for _ in range(2)]
@@ -186,6 +173,7 @@ def driver(out: str, spaces: str, temp: str) -> None:
 
     register()
     cp.register_pickle_by_value(sys.modules[__name__])
+    cp.register_pickle_by_value(fake_trials)
     loader.SPACES_DIR = Path(spaces)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
              runtime_env={"worker_process_setup_hook": register, "env_vars": {"S3_LOG": os.environ["S3_LOG"]}})  # fmt: skip
