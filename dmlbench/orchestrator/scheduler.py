@@ -79,6 +79,7 @@ def run_cells(
     *,
     stop: threading.Event | None = None,
     interactive: bool | None = None,
+    setup_s: float = 0.0,
 ) -> list[CellOutcome]:
     """Search then final phase of every cell, all cells at once; returns what each cell produced
     (in :meth:`SweepSpec.cells` order).
@@ -88,6 +89,8 @@ def run_cells(
             running ones end at their next step with their state saved, and this raises
             :class:`SweepInterrupted`. A ``KeyboardInterrupt`` in this thread sets it too.
         interactive: live view on a terminal (default: when stdout is one), else plain lines.
+        setup_s: how long the driver took to start or join Ray (the ETA's stand-in for its
+            wrap-up after the last trial; :mod:`dmlbench.orchestrator.status`).
     """
     from dmlbench.orchestrator.status import LiveView
 
@@ -95,7 +98,8 @@ def run_cells(
     stop = stop if stop is not None else threading.Event()
     outcomes = {cell: CellOutcome(cell) for cell in cells}
     folder = sweep_dir(spec)
-    write_progress(folder, SWEEP_PROGRESS, {"slots": trial_slots(spec), "started": time.time(), "cells": len(cells)})
+    write_progress(folder, SWEEP_PROGRESS, {"slots": trial_slots(spec), "started": time.time(), "cells": len(cells),
+                                            "setup_s": setup_s})  # fmt: skip
     view = LiveView(spec, folder, echo, interactive)
     lock = threading.Lock()
 

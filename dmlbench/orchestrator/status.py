@@ -7,11 +7,17 @@ sweep its trial slots (what the cluster can run at once) and start time.
 
 ETA (:func:`eta_seconds`), from measured trial times only: each cell phase's expected trial time
 is the mean time of its ended trials (else of ended trials of the same phase in other cells; a
-final phase without ended trials uses the longest ended search trial of its cell, since final
-trials are never pruned). Remaining work = the expected rest of every running trial + pending
+final phase before any final trial ended uses the longest ended search trial of its cell, since
+final trials are never pruned, scaled by the models each trains: a final seed trains every fold
+model). Remaining work = the expected rest of every running trial + pending
 trials × their expected time. ETA = remaining work ÷ (slots × the busy fraction measured so far),
 but never less than the longest chain that cannot run in parallel (a running trial's rest; a cell
-still searching, then its final phase).
+still searching, then its final phase), where every experiment in the chain also costs its measured
+wrap-up (last trial end → ``fit`` returned); a running
+trial past its expected time is expected to run as long as the measured trials that ran longer.
+The driver's own wrap-up after the last trial (leaderboard, Ray shutdown) is counted as its
+measured set-up before the first experiment (Ray start or join), the one comparable cost it has
+measured by then.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from dmlbench.results import schema, store
 
 #: seconds between two plain progress lines when the output is not a terminal
 PLAIN_PERIOD_S = 30.0
+#: seconds of sweep history before the measured busy fraction is used (1 before)
+BUSY_MIN_HISTORY_S = 5.0
 
 
 @dataclass
@@ -58,6 +66,11 @@ class CellStatus:
     durations: list[float] = field(default_factory=list)
     trials: list[RunningTrial] = field(default_factory=list)
     best: float | None = None
+    #: when the experiment's ``fit`` returned, and its last trial's end (driver clock; None when not yet)
+    closed: float | None = None
+    last_end: float | None = None
+    #: models one trial trains (search: the search folds; final: the fold models, or 1)
+    models: int = 1
 
     @property
     def pending(self) -> int:
@@ -74,13 +87,20 @@ class SweepProgress:
     slots: int | None
     started: float | None
     now: float
+    #: the driver's measured set-up (Ray start or join, resources) before the first experiment
+    #: opened; the ETA counts as much again for its wrap-up after the last trial (leaderboard,
+    #: Ray shutdown)
+    setup_s: float = 0.0
+    #: when the driver's latest run ended (None while it runs, or if it never ended cleanly)
+    ended: float | None = None
 
     @property
     def running(self) -> list[RunningTrial]:
         return [t for c in self.cells for t in c.trials]
 
     def eta_s(self) -> float | None:
-        return eta_seconds(self.cells, slots=self.slots, started=self.started, now=self.now)
+        wrapup = 0.0 if self.ended is not None else self.setup_s
+        return eta_seconds(self.cells, slots=self.slots, started=self.started, now=self.now, wrapup=wrapup)
 
 
 def _sweep_specs(results_dir: Path) -> list[Path]:
@@ -100,7 +120,11 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
     now = time.time() if now is None else now
     sweep = read_progress(folder, SWEEP_PROGRESS)
     cells: list[CellStatus] = []
+    from dmlbench.orchestrator.planning import cell_settings, search_folds
+
+    n_search = len(search_folds(spec))
     for cell in spec.cells():
+        n_final = spec.folds if cell_settings(spec, cell).fold_models else 1
         search_done_without_complete = False
         searched = spec.protocol == "mlrc"  # the paper protocol trains each cell's recipe, no search
         for phase, planned in (("search", spec.trials if searched else 0), ("final", spec.final_seeds)):
@@ -139,15 +163,19 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
             best = (max if spec.mode == "max" else min)(scores) if scores else None  # type: ignore[type-var]
             counts = {s: statuses.count(s) for s in schema.STATUSES}
             times = walls or durations
+            ends = [float(e["ended"]) for e in ended.values() if _num(e.get("ended"))]
             cells.append(CellStatus(spec.sweep_id, cell.key, phase, planned, min(done, planned) if planned else done,
                                     len(trials), counts, statistics.mean(times) if times else None,
-                                    durations or walls, trials, best))  # fmt: skip
+                                    durations or walls, trials, best,
+                                    closed=_time(prog.get("closed")), last_end=max(ends, default=None),
+                                    models=n_search if phase == "search" else n_final))  # fmt: skip
             if phase == "search":
                 search_done_without_complete = done >= planned and counts["complete"] == 0
     slots = sweep.get("slots")
     started = sweep.get("started")
-    return SweepProgress(spec.sweep_id, spec.metric, cells, int(slots) if _num(slots) else None,
-                         float(started) if _num(started) else None, now)  # fmt: skip
+    begun, setup, finished = _time(started), _time(sweep.get("setup_s")), _time(sweep.get("ended"))
+    return SweepProgress(spec.sweep_id, spec.metric, cells, int(slots) if _num(slots) else None, begun, now,
+                         setup or 0.0, finished if begun is not None and finished is not None and finished >= begun else None)  # fmt: skip
 
 
 def sweep_status(results_dir: Path) -> list[CellStatus]:
@@ -173,6 +201,10 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
+def _time(v: Any) -> float | None:
+    return float(v) if _num(v) else None
+
+
 def _metric(row: dict[str, Any], metric: str) -> float | None:
     v = row.get(metric)
     if _num(v):
@@ -188,24 +220,27 @@ def _expected(c: CellStatus, cells: list[CellStatus]) -> float | None:
     """Expected time of one trial of the cell phase ``c`` (see the module doc)."""
     if c.durations:
         return statistics.mean(c.durations)
-    if c.phase == "final":
-        search = [d for o in cells if o.cell == c.cell and o.phase == "search" for d in o.durations]
-        if search:
-            return max(search)
     same = [d for o in cells if o.phase == c.phase for d in o.durations]
     if same:
         return statistics.mean(same)
+    if c.phase == "final":
+        search = [(d, o.models) for o in cells if o.cell == c.cell and o.phase == "search" for d in o.durations]
+        if search:  # the longest search trial (never pruned), per model, times the final trial's models
+            d, n = max(search)
+            return d * c.models / max(n, 1)
     anything = [d for o in cells for d in o.durations]
     return statistics.mean(anything) if anything else None
 
 
 def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: float | None = None,
-                now: float | None = None) -> float | None:  # fmt: skip
-    """Seconds until every planned trial has ended; 0 when nothing is left, None while no trial
-    has ended yet (nothing measured). See the module doc for the model."""
+                now: float | None = None, wrapup: float = 0.0) -> float | None:  # fmt: skip
+    """Seconds until the sweep ends: every planned trial ended, plus ``wrapup`` (the driver's
+    work after the last trial; pass 0 once the driver ended); None while no trial has ended yet
+    (nothing measured). See the module doc for the model."""
     now = time.time() if now is None else now
+    closing = _closing_lag(cells)
     if not any(c.pending or c.trials for c in cells):
-        return 0.0
+        return wrapup  # every trial ended: the driver's wrap-up is left (0 once it ended)
     work = 0.0
     chain = 0.0
     for c in cells:
@@ -214,24 +249,46 @@ def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: floa
             if c.pending or c.trials:
                 return None
             continue
-        rests = [max(exp - (now - t.started), 0.05 * exp) for t in c.trials]
+        rests = [_rest(now - t.started, exp, c.durations) for t in c.trials]
         work += sum(rests) + c.pending * exp
-        tail = max(rests, default=0.0) if c.trials else (exp if c.pending else 0.0)
-        if c.phase == "search" and (c.pending or c.trials):
+        if not (c.pending or c.trials):
+            continue
+        tail = max(rests, default=0.0) if c.trials else exp
+        tail += closing
+        if c.phase == "search":
             final = next((f for f in cells if f.cell == c.cell and f.phase == "final"), None)
             if final is not None and final.planned:
-                tail += _expected(final, cells) or 0.0
+                tail += (_expected(final, cells) or 0.0) + closing
         chain = max(chain, tail)
     running_now = sum(len(c.trials) for c in cells)
     capacity = float(slots) if slots else float(max(1, running_now))
     capacity *= _busy_fraction(cells, capacity, started, now)
-    return max(work / max(capacity, 1e-9), chain)
+    return max(work / max(capacity, 1e-9), chain) + wrapup
+
+
+def _rest(elapsed: float, expected: float, durations: list[float]) -> float:
+    """Expected remaining time of a trial running for ``elapsed`` s: the expected time minus what
+    ran; once it ran longer than that, the mean remaining time of the measured trials that ran
+    longer still (their durations minus ``elapsed``), else a twentieth of the expected time."""
+    if elapsed < expected:
+        return expected - elapsed
+    longer = [d - elapsed for d in durations if d > elapsed]
+    return statistics.mean(longer) if longer else 0.05 * expected
+
+
+def _closing_lag(cells: list[CellStatus]) -> float:
+    """Measured mean wrap-up of the experiments that closed (last trial end to ``fit`` returned:
+    Tune's clean-up, the rows); 0 until one closed. (Their start-up is not measurable apart from
+    the wait for a free slot, which the busy fraction already counts.)"""
+    closing = [c.closed - c.last_end for c in cells
+               if c.closed is not None and c.last_end is not None and c.closed >= c.last_end]  # fmt: skip
+    return statistics.mean(closing) if closing else 0.0
 
 
 def _busy_fraction(cells: list[CellStatus], capacity: float, started: float | None, now: float) -> float:
     """Measured share of the slots that trials kept busy since the sweep started (gaps between
-    trials, scheduling); 1 until a minute of history exists, never below 0.5."""
-    if started is None or now - started < 60:
+    trials, scheduling; used as soon as a trial ended, which the ETA needs anyway); never below 0.5."""
+    if started is None or now - started < BUSY_MIN_HISTORY_S:
         return 1.0
     busy = sum(sum(c.durations) for c in cells) + sum(now - t.started for c in cells for t in c.trials)
     return min(1.0, max(0.5, busy / (capacity * (now - started))))

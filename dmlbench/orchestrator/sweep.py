@@ -24,7 +24,14 @@ from dmlbench.errors import ConfigError, SweepIncomplete, SweepInterrupted
 from dmlbench.orchestrator import cluster
 from dmlbench.orchestrator.planning import build_spec, format_plan, plan, plan_json, validate
 from dmlbench.orchestrator.spec import SweepSpec
-from dmlbench.orchestrator.sweepdir import check_resume, sweep_dir, write_spec
+from dmlbench.orchestrator.sweepdir import (
+    SWEEP_PROGRESS,
+    check_resume,
+    read_progress,
+    sweep_dir,
+    write_progress,
+    write_spec,
+)
 from dmlbench.orchestrator.trainable import TrainFn
 from dmlbench.results import schema, store
 
@@ -102,6 +109,7 @@ def run(
     started = False
     with interrupts.handling(), _driver_settings():
         try:
+            t_setup = time.time()
             started = cluster.connect(spec, num_cpus=num_cpus, echo=echo)
             nodes = cluster.node_capacity()
             spec = cluster.resolve_resources(spec, nodes)
@@ -112,7 +120,7 @@ def run(
 
             where = spec.address or os.environ.get("RAY_ADDRESS") or "the local Ray this sweep started"
             with cluster.watch(where, f"the sweep state is saved; {resume_hint}"):
-                outcomes = run_cells(spec, train_fn, echo)
+                outcomes = run_cells(spec, train_fn, echo, setup_s=time.time() - t_setup)
             lb = store.rebuild_leaderboard(Path(spec.output))
             echo(summary_table(outcomes, spec))
             echo(f"done in {time.time() - t0:.0f} s; rows in {rows}, leaderboard {lb}")
@@ -128,6 +136,7 @@ def run(
                 import ray
 
                 ray.shutdown()
+            mark_ended(spec)
     missing = incomplete_cells(outcomes, spec)
     if missing:
         raise SweepIncomplete(
@@ -135,6 +144,19 @@ def run(
             f"error column says why (dmlbench leaderboard {spec.output} --format json, or dmlbench status {spec.output})."
         )
     return outcomes
+
+
+def mark_ended(spec: SweepSpec) -> None:
+    """Record when this run of the sweep's driver ended (``dmlbench status`` then counts no more
+    wrap-up), if it got as far as starting its cells."""
+    folder = sweep_dir(spec)
+    state = read_progress(folder, SWEEP_PROGRESS)
+    if state.get("started") is None:
+        return
+    try:
+        write_progress(folder, SWEEP_PROGRESS, {**state, "ended": time.time()})
+    except OSError:
+        pass  # a full disk: the status then counts the wrap-up a little longer, nothing else depends on it
 
 
 def incomplete_cells(outcomes: list[CellOutcome], spec: SweepSpec) -> list[str]:

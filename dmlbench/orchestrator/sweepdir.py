@@ -71,8 +71,10 @@ def write_progress(sweep_path: Path, name: str, state: dict[str, Any]) -> None:
 
     Per experiment (by :class:`~dmlbench.orchestrator.experiment.RowCallback`): cell, phase, planned
     trials, epoch budget, running trials (``{id: {started, epoch, metric}}``) and ended ones
-    (``{id: {started, ended, status, metric}}``; times on the driver's clock). :data:`SWEEP_PROGRESS` (by the scheduler): the
-    sweep's trial slots and start time.
+    (``{id: {started, ended, status, metric}}``) and, once its ``fit`` returned, when (``closed``);
+    times on the driver's clock. :data:`SWEEP_PROGRESS` (by the scheduler): the sweep's trial slots,
+    start time and the seconds the driver took to start or join Ray; ``ended`` once the driver's
+    run ended (by ``sweep.run``).
     """
     d = sweep_path / PROGRESS_DIR
     d.mkdir(parents=True, exist_ok=True)
