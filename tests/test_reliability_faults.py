@@ -72,14 +72,22 @@ def register() -> None:
 
         def on_step_end(self, ctx: Any) -> None:
             super().on_step_end(ctx)
+            model = _trial_id() if ctx.cfg.phase == "search" else f"{_trial_id()}/fold{ctx.cfg.fold}"
             with open(os.environ["REL_LOG"], "a") as fh:
-                fh.write(f"{_trial_id()} {self._token()} {ctx.step}\n")
-            # ctx.epoch is the last finished epoch: 1 = after the first step of epoch 2 (of >= 2 steps)
-            killing = os.environ.get("REL_MODE") == "kill" and ctx.epoch == 1
+                fh.write(f"{model} {self._token()} {ctx.step}\n")
+            # ctx.epoch is the last finished epoch: 1 = after the first step of epoch 2 (of >= 2 steps);
+            # "killfinal": after the first step of epoch 2 of the final phase's second fold model, by
+            # step count (a model resumed for its next chunk has finished no epoch in this call yet)
+            mode = os.environ.get("REL_MODE")
+            killing = (mode == "kill" and ctx.epoch == 1) or (
+                mode == "killfinal" and ctx.cfg.phase == "final" and ctx.cfg.fold == 1
+                and ctx.step == ctx.cfg.iters_per_epoch + 1
+            )  # fmt: skip
             if killing and _first(Path(os.environ["REL_FLAG"])):
                 # the worker dies with its local files (as when its node is lost): the restarted trial
-                # can only resume from the checkpoint Tune hands back
-                shutil.rmtree(Path(ctx.cfg.output_dir) / "checkpoints")
+                # can only resume from the checkpoint Tune hands back (a final seed's: all its models)
+                work = Path(ctx.cfg.output_dir)
+                shutil.rmtree(work.parent if ctx.cfg.phase == "final" else work / "checkpoints")
                 os.kill(os.getpid(), signal.SIGKILL)
 
         def _token(self) -> str:
@@ -147,12 +155,13 @@ def driver(out: str, name: str) -> None:
     text = (loader.SPACES_DIR / "triplet.yaml").read_text().replace("method: triplet", "method: rel_triplet")
     (spaces / "rel_triplet.yaml").write_text(text)
     loader.SPACES_DIR = spaces
-    env = {k: os.environ[k] for k in ("REL_MODE", "REL_FLAG", "REL_LOG") if k in os.environ}
+    env = {k: os.environ[k] for k in ("REL_MODE", "REL_FLAG", "REL_LOG", "REL_FINAL") if k in os.environ}
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": register, "env_vars": env})  # fmt: skip
-    spec = sweep.build_spec(methods="rel_triplet", datasets="digits", preset="smoke", trials=2, epochs=2,
-                            grace_period=2, final_seeds=0, max_concurrent=1, seed=3, output=out, name=name,
-                            checkpoint_every_epochs=1)  # fmt: skip
+    final = os.environ.get("REL_FINAL") == "1"  # one search trial, then one final seed of 3 fold models
+    spec = sweep.build_spec(methods="rel_triplet", datasets="digits", preset="smoke", trials=1 if final else 2,
+                            epochs=2, grace_period=2, final_seeds=1 if final else 0, max_concurrent=1, seed=3,
+                            output=out, name=name, checkpoint_every_epochs=1)  # fmt: skip
     spec = spec.model_copy(update={"trial_base": {**spec.trial_base, **TRIAL_BASE}})
     from dmlbench.errors import DmlbenchError
 
@@ -170,13 +179,13 @@ def _env(tmp: Path, ray_tmpdir: str, mode: str = "none") -> dict[str, str]:
 
 
 def _run_driver(
-    tmp: Path, ray_tmpdir: str, out: Path, mode: str, name: str = "rel"
+    tmp: Path, ray_tmpdir: str, out: Path, mode: str, name: str = "rel", final: bool = False
 ) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, __file__, str(out), name]
     return subprocess.run(
         cmd,
         check=False,
-        env=_env(tmp, ray_tmpdir, mode),
+        env={**_env(tmp, ray_tmpdir, mode), "REL_FINAL": "1" if final else "0"},
         capture_output=True,
         text=True,
         timeout=400,
@@ -239,6 +248,48 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(
     assert rows.keys() == baseline.keys()
     for key, row in rows.items():
         _same_metrics(row, baseline[key])
+
+
+def test_worker_killed_in_a_final_seeds_second_fold_model_resumes_that_model(
+    tmp_path: Path, ray_tmpdir: str
+) -> None:
+    """A final seed trains its 3 fold models in turn, pausing each at every checkpoint epoch
+    (``--checkpoint-every-epochs 1``: chunks of one epoch, then a checkpoint of all three models);
+    its worker dies (local files gone) in the second model's epoch 2. Tune restarts the trial from
+    that checkpoint: every model resumes after its epoch 1 (the first one's epoch 2 is the work lost,
+    trained again), none starts over, and every row (each fold model's, the concatenation's)
+    equals an undisturbed run's."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    res = _run_driver(tmp_path / "a", ray_tmpdir, tmp_path / "a" / "out", "none", final=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = _run_driver(tmp_path / "b", ray_tmpdir, tmp_path / "b" / "out", "killfinal", final=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / "b" / "flag-killfinal").exists(), "the worker was never killed"
+    epoch1 = list(range(1, STEPS_PER_EPOCH + 1))
+    epoch2 = list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
+    runs = _runs(tmp_path / "b" / "steps-killfinal.log")
+    (tid,) = {m.split("/")[0] for m in runs if "/fold" in m}
+    # one train call per chunk: epoch 1, then epoch 2; nothing restarts at step 1 after the kill
+    assert runs[f"{tid}/fold0"] == [epoch1, epoch2, epoch2], "not resumed from the epoch-1 checkpoint"
+    assert runs[f"{tid}/fold1"] == [epoch1, epoch2[:1], epoch2], "restarted, not resumed"
+    assert runs[f"{tid}/fold2"] == [epoch1, epoch2]
+    undisturbed = _runs(tmp_path / "a" / "steps-none.log")
+    # the search trial (one model) in one call, each fold model in two chunks
+    assert sorted(len(r) for r in undisturbed.values()) == [1, 2, 2, 2]
+
+    from dmlbench.results import schema, store
+
+    def final_rows(out: Path) -> dict[str, dict[str, Any]]:
+        df, warnings = store.read_rows(out)
+        assert warnings == [] and df[schema.ROW_ID].is_unique
+        fin = df[df[schema.PHASE] == "final"]
+        return {f"{r[schema.PROTOCOL]}/{r[schema.FOLD]}": r for r in fin.to_dict("records")}
+
+    killed, base = final_rows(tmp_path / "b" / "out"), final_rows(tmp_path / "a" / "out")
+    assert killed.keys() == base.keys() and len(base) == 4  # 3 fold models + their concatenation
+    for key, row in killed.items():
+        _same_metrics(row, base[key])
 
 
 def test_trial_raising_is_a_failed_row_and_the_sweep_goes_on(

@@ -13,9 +13,10 @@ Several cells' experiments run at once, each ``fit`` in its own thread (:mod:`.s
 * every experiment registers its trainable under its own name (:func:`trainable_name`); Tune's
   default, the function's name, would let one cell's trials run with another cell's settings;
 * Tune catches Ctrl-C only in the main thread, so an experiment is stopped through
-  :func:`stop_on`: while its event is set, :class:`RowCallback` raises :class:`SweepInterrupted`
-  at the next step of the experiment loop (Tune ends the loop; the experiment state it saved at
-  most ~1 s earlier is what a rerun restores, like after a killed driver);
+  :func:`.interrupts.stop_on`: once its event is set, the experiment's
+  :class:`~.interrupts.StopCallback` raises :class:`SweepInterrupted` at a step of the experiment
+  loop, after the experiment state Tune saved shows every trial that ended as ended (Tune skips its
+  final save on that path; a rerun restores the saved state, like after a killed driver);
 * the callback keeps ``progress/<experiment>.json`` (running trials with epoch and latest
   metric, the start and end of each finished trial) for the live view and ``dmlbench status``.
 """
@@ -26,8 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,30 +133,9 @@ class RowSink:
         return rows
 
 
-#: sweep id → the event that stops its experiments (:func:`stop_on`). Process-local on purpose:
-#: Tune restores a callback from its own pickle, so a restored :class:`RowCallback` can reach a live
-#: event only through the sweep id it holds.
-_STOPS: dict[str, threading.Event] = {}
-
-
-@contextmanager
-def stop_on(sweep_id: str, event: threading.Event) -> Iterator[None]:
-    """While inside, setting ``event`` stops every experiment of the sweep (see the module doc)."""
-    _STOPS[sweep_id] = event
-    try:
-        yield
-    finally:
-        _STOPS.pop(sweep_id, None)
-
-
-def stop_requested(sweep_id: str) -> bool:
-    ev = _STOPS.get(sweep_id)
-    return ev is not None and ev.is_set()
-
-
 class RowCallback(tune.Callback):  # type: ignore[misc]
-    """Writes a row as each trial ends, keeps the experiment's progress file (live view,
-    ``dmlbench status``) and stops the experiment when its sweep is asked to stop.
+    """Writes a row as each trial ends and keeps the experiment's progress file (live view,
+    ``dmlbench status``); stopping is :class:`~dmlbench.orchestrator.interrupts.StopCallback`'s.
 
     A failed write (disk full) is logged, not raised: an exception inside a Tune callback would end
     the experiment with a traceback; the driver writes every row again after ``fit`` and raises there.
@@ -185,10 +164,6 @@ class RowCallback(tune.Callback):  # type: ignore[misc]
         if isinstance(old, dict):
             self.ended = {**old, **self.ended}
         self._progress()
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        if stop_requested(self.sink.spec.sweep_id):
-            raise SweepInterrupted(f"{self.sink.experiment} stopped on request")
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.running[trial.trial_id] = {"started": time.time(), "epoch": 0, "metric": None}
@@ -307,7 +282,8 @@ def run_config(spec: SweepSpec, sink: RowSink, planned: int) -> Any:
         # the experiment state (trial statuses, searcher) reaches the storage path within ~2 s:
         # a killed driver then restores finished trials as finished (Ray's default syncs every 300 s)
         sync_config=tune.SyncConfig(sync_period=2),
-        callbacks=[RowCallback(sink, planned, cell_settings(spec, sink.cell).epochs), interrupts.StopCallback()],
+        callbacks=[RowCallback(sink, planned, cell_settings(spec, sink.cell).epochs),
+                   interrupts.StopCallback(spec.sweep_id, f"{cluster.storage_root(spec)}/{sink.experiment}")],
         verbose=0,
     )
 
@@ -321,7 +297,7 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
     their last checkpoint when the same command runs again.
     """
     interrupts.raise_if_requested(f"experiment {sink.experiment}")  # Ctrl-C: nothing new starts
-    if stop_requested(spec.sweep_id):
+    if interrupts.stop_requested(spec.sweep_id):
         raise SweepInterrupted(f"sweep stopped before {sink.experiment} started; rerun the same command to continue.")
     path = f"{cluster.storage_root(spec)}/{sink.experiment}"
     if tune.Tuner.can_restore(path):
@@ -340,7 +316,7 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
         for row in sink.rows(trial):
             out.rows[row[schema.ROW_ID]] = row
     mark_closed(spec, sink.experiment)
-    if unfinished or interrupts.requested() or stop_requested(spec.sweep_id):
+    if unfinished or interrupts.requested() or interrupts.stop_requested(spec.sweep_id):
         raise SweepInterrupted(
             f"sweep interrupted with {unfinished} unfinished trial(s) in {sink.experiment}; rerun the same command "
             "(or add --resume) to continue where it stopped."
@@ -376,7 +352,7 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
     folds: list[int | None] = list(search_folds(spec))
     # a row of a group stands for its fold models (fold NULL; each model's score is in its metrics)
     sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell), group=len(folds) > 1)
-    stops = group_stops(st.epochs, asha_rungs(st.grace, spec.reduction_factor, st.epochs))
+    stops = group_stops(st.epochs, asha_rungs(st.grace, spec.reduction_factor, st.epochs), spec.checkpoint_every_epochs)
     fn = trainable(spec, base, train_fn, trainable_name(cell, "search"), folds=folds, stops=stops)
 
     def make() -> Any:
@@ -413,7 +389,8 @@ def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn
     if len(folds) > 1:
         base = {**base, "fold": None}
     sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
-    fn = trainable(spec, base, train_fn, trainable_name(cell, "final"), folds=folds, stops=group_stops(st.epochs))
+    fn = trainable(spec, base, train_fn, trainable_name(cell, "final"), folds=folds,
+                   stops=group_stops(st.epochs, every_epochs=spec.checkpoint_every_epochs))
     param_space = {**best_params, "seed": tune.grid_search(final_seeds(spec))}
 
     def make() -> Any:

@@ -12,9 +12,12 @@ would go on to the next cell. This module turns the first Ctrl-C into a stop of 
 * :class:`StopCallback` (every experiment of the sweep gets one) chains onto Tune's own SIGINT
   handler when the experiment runs in the main thread: the first Ctrl-C records the request and lets
   Tune stop gracefully, and Tune then puts the sweep's handler back, so the second Ctrl-C exits at
-  once. An experiment running in another thread (Tune installs no handler there) is ended by the
-  callback at its next step (``SweepInterrupted``); its state is the last periodic save
-  (``TUNE_GLOBAL_CHECKPOINT_S``).
+  once. An experiment running in another thread (Tune installs no handler there), or whose sweep's
+  stop event is set (:func:`stop_on`), is ended by the callback with ``SweepInterrupted`` at a
+  step. Raised there, Tune skips its final save, so a rerun restores the last periodic save
+  (``TUNE_GLOBAL_CHECKPOINT_S``): the callback therefore raises only once that saved state has
+  every trial that ended as ended (or after :data:`STATE_WAIT_S`), else a trial that ended just
+  before the stop would run again.
 
 Callers check :func:`raise_if_requested` before starting new work (an experiment, a cell's final
 phase), so nothing new starts after the first Ctrl-C, whatever the scheduler.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -36,6 +40,8 @@ from dmlbench.errors import SweepInterrupted
 
 #: exit status of a process ended by the second Ctrl-C (the shell's code for SIGINT)
 EXIT_INTERRUPTED = 130
+#: longest wait (s) of a stopping experiment for Tune's saved state to show its ended trials
+STATE_WAIT_S = 30.0
 
 _stop = threading.Event()
 _active = threading.Event()  # set while :func:`handling` is in effect
@@ -55,6 +61,29 @@ def requested() -> bool:
 def request() -> None:
     """Ask the sweep to stop, as the first Ctrl-C does (for a scheduler or a test; prints nothing)."""
     _stop.set()
+
+
+#: sweep id → the event that stops its experiments (:func:`stop_on`). Process-local on purpose:
+#: Tune restores a callback from its own pickle, so a restored :class:`StopCallback` can reach a live
+#: event only through the sweep id it holds.
+_STOPS: dict[str, threading.Event] = {}
+
+
+@contextmanager
+def stop_on(sweep_id: str, event: threading.Event) -> Iterator[None]:
+    """While inside, setting ``event`` stops every experiment of the sweep (a scheduler running cells
+    side by side: each experiment's :class:`StopCallback` ends it, its state saved)."""
+    _STOPS[sweep_id] = event
+    try:
+        yield
+    finally:
+        _STOPS.pop(sweep_id, None)
+
+
+def stop_requested(sweep_id: str | None) -> bool:
+    """Whether the stop event of ``sweep_id`` (:func:`stop_on`) is set."""
+    ev = _STOPS.get(sweep_id) if sweep_id is not None else None
+    return ev is not None and ev.is_set()
 
 
 def raise_if_requested(what: str) -> None:
@@ -115,10 +144,31 @@ def _chained(tune_handler: Any) -> Any:
 
 
 class StopCallback(tune.Callback):  # type: ignore[misc]
-    """Makes a Tune experiment part of the sweep's Ctrl-C handling (see the module docstring).
+    """Makes a Tune experiment part of the sweep's stop handling (see the module docstring).
 
-    Holds no state (Tune pickles callbacks with the experiment); the handlers live in this module.
+    Args:
+        sweep_id: the sweep whose stop event (:func:`stop_on`) ends this experiment too.
+        experiment_path: where Tune saves this experiment's state (the storage URI of the
+            experiment); without it a stop raises at once, whatever that state holds.
+
+    Only plain data survives Tune's pickle of the experiment; the signal handlers live in this module.
     """
+
+    def __init__(self, sweep_id: str | None = None, experiment_path: str | None = None):
+        self.sweep_id = sweep_id
+        self.experiment_path = experiment_path
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ended: set[str] = set()  # trials that ended in this run of the experiment
+        self._stop_seen: float | None = None
+        self._probed = float("-inf")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.sweep_id = state.get("sweep_id")
+        self.experiment_path = state.get("experiment_path")
+        self._reset()
 
     def setup(self, **info: Any) -> None:
         if not _active.is_set() or threading.current_thread() is not threading.main_thread():
@@ -129,9 +179,39 @@ class StopCallback(tune.Callback):  # type: ignore[misc]
         if callable(current) and current is not _on_sigint and not getattr(current, "dmlbench_chained", False):
             signal.signal(signal.SIGINT, _chained(current))
 
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended.add(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended.add(trial.trial_id)
+
     def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        if _stop.is_set() and threading.current_thread() is not threading.main_thread():
-            raise SweepInterrupted("sweep stopped by Ctrl-C; rerun the same command to continue.")
+        by_event = stop_requested(self.sweep_id)
+        if not by_event and not (_stop.is_set() and threading.current_thread() is not threading.main_thread()):
+            return
+        now = time.monotonic()
+        if self._stop_seen is None:
+            self._stop_seen = now
+        if now - self._stop_seen < STATE_WAIT_S and not self._state_saved(now):
+            return  # Tune saves its state at its next steps; raising now would lose the trials that just ended
+        name = (self.experiment_path or "").rstrip("/").rsplit("/", 1)[-1] or "the experiment"
+        if by_event:
+            raise SweepInterrupted(f"{name} stopped on request")
+        raise SweepInterrupted("sweep stopped by Ctrl-C; rerun the same command to continue.")
+
+    def _state_saved(self, now: float) -> bool:
+        """Whether the experiment state Tune saved has every trial that ended here as ended (read
+        at most twice a second)."""
+        if not self._ended or self.experiment_path is None:
+            return True
+        if now - self._probed < 0.5:
+            return False
+        self._probed = now
+        try:
+            saved = tune.ExperimentAnalysis(self.experiment_path).trials
+        except Exception:  # not written yet, or caught mid-write: read again at a later step
+            return False
+        return self._ended <= {t.trial_id for t in saved if t.status in ("TERMINATED", "ERROR")}
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         # Tune leaves its handler installed after an experiment that ended normally; put the

@@ -412,19 +412,25 @@ def asha_rungs(grace: int, reduction_factor: int, max_t: int) -> list[int]:
     return out
 
 
-def group_stops(epochs: int, rungs: list[int] | None = None) -> list[int]:
-    """Where the fold models of a trial pause in turn: ASHA's ``rungs`` (search) and, for long
-    budgets, every ``max(5, ceil(epochs / 10))`` epochs, so the trial hands Tune a checkpoint of all
-    its models at least ten times (a worker that dies loses at most one such chunk).
+def group_stops(epochs: int, rungs: list[int] | None = None, every_epochs: int | None = None) -> list[int]:
+    """Where the fold models of a trial pause in turn: ASHA's ``rungs`` (search), every
+    ``every_epochs`` epochs when the sweep asks for a checkpoint that often
+    (``--checkpoint-every-epochs``) and, for long budgets, every ``max(5, ceil(epochs / 10))``
+    epochs, so the trial hands Tune a checkpoint of all its models at least ten times. A group
+    hands Tune a checkpoint only when every model has reached the stop, so a worker that dies loses
+    at most the round of chunks it was in.
 
     Example:
         >>> group_stops(100, [3, 6, 12, 24, 48, 96])
         [3, 6, 10, 12, 20, 24, 30, 40, 48, 50, 60, 70, 80, 90, 96]
         >>> group_stops(2)
         []
+        >>> group_stops(4, every_epochs=1)
+        [1, 2, 3]
     """
     every = max(5, -(-epochs // 10))
-    return sorted(set(rungs or []) | set(range(every, epochs, every)))
+    periodic = set(range(every_epochs, epochs, every_epochs)) if every_epochs else set()
+    return sorted(set(rungs or []) | set(range(every, epochs, every)) | periodic)
 
 
 def search_concurrency(spec: SweepSpec) -> int | None:

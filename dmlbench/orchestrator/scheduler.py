@@ -26,7 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from dmlbench.errors import SweepInterrupted
-from dmlbench.orchestrator.experiment import CellOutcome, run_final, run_search, stop_on
+from dmlbench.orchestrator.experiment import CellOutcome, run_final, run_search
+from dmlbench.orchestrator.interrupts import stop_on
 from dmlbench.orchestrator.planning import cell_settings
 from dmlbench.orchestrator.spec import Cell, SweepSpec
 from dmlbench.orchestrator.sweepdir import SWEEP_PROGRESS, sweep_dir, write_progress
