@@ -78,7 +78,9 @@ def test_report_renders_every_section_with_its_plots(tmp_path: Path) -> None:
         "cost": 2,
     }
     assert secs["leaderboards"].count("<table>") == 3
-    assert "C2-CCP-L [paper; mlrc-cv4-val-select-concat4]" in secs["leaderboards"]
+    # our single-model lines get the papers' fold-mean lines beside them, never their concatenations
+    assert "C2-CCP-L [paper; mlrc-cv4-val-select-foldmean]" in secs["leaderboards"]
+    assert "mlrc-cv4-val-select-concat4" not in secs["leaderboards"]
     assert "95% CI over seeds" in secs["leaderboards"]  # the legend says what ± means
     n_ccp = sum(1 for t in SEARCH_TRIALS["ccp"] if t[0] == "complete")
     assert f"{n_ccp} complete trials; parameter importance needs at least 10" in secs["importance"]
