@@ -49,7 +49,7 @@ from dmlbench.orchestrator.planning import (
 )
 from dmlbench.orchestrator.rows import build_row, sampled_params
 from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name
-from dmlbench.orchestrator.sweepdir import read_progress, sweep_dir, write_progress
+from dmlbench.orchestrator.sweepdir import read_progress, stamp_progress, sweep_dir, write_progress
 from dmlbench.orchestrator.trainable import (
     EPOCH_KEY,
     ERROR_KEY,
@@ -315,24 +315,14 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
             continue
         for row in sink.rows(trial):
             out.rows[row[schema.ROW_ID]] = row
-    mark_closed(spec, sink.experiment)
+    # when fit returned and its rows were read: the ETA measures each experiment's wrap-up after its
+    # last trial from it (the callback rewrites the file without it when the experiment runs again)
+    stamp_progress(sweep_dir(spec), sink.experiment, "closed")
     if unfinished or interrupts.requested() or interrupts.stop_requested(spec.sweep_id):
         raise SweepInterrupted(
             f"sweep interrupted with {unfinished} unfinished trial(s) in {sink.experiment}; rerun the same command "
             "(or add --resume) to continue where it stopped."
         )
-
-
-def mark_closed(spec: SweepSpec, experiment: str) -> None:
-    """Record in the experiment's progress file when its ``fit`` returned and its rows were read
-    (the ETA measures each experiment's wrap-up after its last trial from it; the callback rewrites
-    the file without it when the experiment runs again)."""
-    folder = sweep_dir(spec)
-    state = read_progress(folder, experiment)
-    try:
-        write_progress(folder, experiment, {**state, "closed": time.time()})
-    except OSError as err:
-        log.warning("progress of %s not written (%s)", experiment, err)
 
 
 def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellOutcome) -> None:

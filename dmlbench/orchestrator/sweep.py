@@ -24,14 +24,7 @@ from dmlbench.errors import ConfigError, SweepIncomplete, SweepInterrupted
 from dmlbench.orchestrator import cluster
 from dmlbench.orchestrator.planning import build_spec, format_plan, plan, plan_json, validate
 from dmlbench.orchestrator.spec import SweepSpec
-from dmlbench.orchestrator.sweepdir import (
-    SWEEP_PROGRESS,
-    check_resume,
-    read_progress,
-    sweep_dir,
-    write_progress,
-    write_spec,
-)
+from dmlbench.orchestrator.sweepdir import SWEEP_PROGRESS, check_resume, stamp_progress, sweep_dir, write_spec
 from dmlbench.orchestrator.trainable import TrainFn
 from dmlbench.results import schema, store
 
@@ -136,7 +129,9 @@ def run(
                 import ray
 
                 ray.shutdown()
-            mark_ended(spec)
+            # when this run of the driver ended (dmlbench status then counts no more wrap-up), if it
+            # got as far as starting its cells
+            stamp_progress(sweep_dir(spec), SWEEP_PROGRESS, "ended", only_if="started")
     missing = incomplete_cells(outcomes, spec)
     if missing:
         raise SweepIncomplete(
@@ -144,19 +139,6 @@ def run(
             f"error column says why (dmlbench leaderboard {spec.output} --format json, or dmlbench status {spec.output})."
         )
     return outcomes
-
-
-def mark_ended(spec: SweepSpec) -> None:
-    """Record when this run of the sweep's driver ended (``dmlbench status`` then counts no more
-    wrap-up), if it got as far as starting its cells."""
-    folder = sweep_dir(spec)
-    state = read_progress(folder, SWEEP_PROGRESS)
-    if state.get("started") is None:
-        return
-    try:
-        write_progress(folder, SWEEP_PROGRESS, {**state, "ended": time.time()})
-    except OSError:
-        pass  # a full disk: the status then counts the wrap-up a little longer, nothing else depends on it
 
 
 def incomplete_cells(outcomes: list[CellOutcome], spec: SweepSpec) -> list[str]:

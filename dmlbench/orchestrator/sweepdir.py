@@ -6,6 +6,7 @@ Rows (``rows/``) belong to :mod:`dmlbench.results.store`, Tune state (``tune/``)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ SPEC_FILE = "sweep.json"
 PROGRESS_DIR = "progress"
 #: name of the sweep-wide progress file (experiment files are named after their experiment)
 SWEEP_PROGRESS = "_sweep"
+
+log = logging.getLogger(__name__)
 
 
 def sweep_dir(spec: SweepSpec) -> Path:
@@ -90,3 +93,17 @@ def read_progress(sweep_path: Path, name: str) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def stamp_progress(sweep_path: Path, name: str, key: str, *, only_if: str | None = None) -> None:
+    """Add ``key``: the time now to ``progress/<name>.json``, keeping the rest of it; with
+    ``only_if``, only when the file already has that key. A failed write (full disk) is logged, not
+    raised: progress files feed only the live view and the ETA."""
+    state = read_progress(sweep_path, name)
+    if only_if is not None and state.get(only_if) is None:
+        return
+    state.pop("updated", None)
+    try:
+        write_progress(sweep_path, name, {**state, key: time.time()})
+    except OSError as err:
+        log.warning("progress/%s.json not written (%s)", name, err)
