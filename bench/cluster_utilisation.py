@@ -30,7 +30,7 @@ from dmlbench.methods.base import Method, MethodParams
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.fixtures import fake_trials  # noqa: E402  (shipped to the workers by value)
+from tests.fixtures import fake_trials  # noqa: E402  (its start_ray ships it to the workers by value)
 from tests.fixtures.fake_trials import fold_test_embedding  # noqa: E402
 
 METHODS = ("util_a", "util_b", "util_c")
@@ -147,16 +147,12 @@ def main() -> None:
     os.environ.update({"TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_AIR_NEW_OUTPUT": "0"})
 
     import ray
-    import ray.cloudpickle as cp
 
     from dmlbench.orchestrator import sweep
     from dmlbench.orchestrator.spec import SweepSpec
     from dmlbench.results import schema, store
     from dmlbench.search_spaces import loader
 
-    register()
-    cp.register_pickle_by_value(sys.modules[__name__])
-    cp.register_pickle_by_value(fake_trials)
     tmp = Path(tempfile.mkdtemp(prefix="util"))
     spaces = tmp / "spaces"
     spaces.mkdir()
@@ -164,8 +160,7 @@ def main() -> None:
         (spaces / f"{m}.yaml").write_text(f"method: {m}\nparams:\n  - {{name: x, type: float, low: 0.1, high: 0.9}}\n")
     loader.SPACES_DIR = spaces
     ray_tmp = tempfile.mkdtemp(prefix="ru", dir="/tmp")
-    ray.init(num_cpus=args.slots, include_dashboard=False, log_to_driver=False, _temp_dir=ray_tmp,
-             runtime_env={"worker_process_setup_hook": register})  # fmt: skip
+    fake_trials.start_ray(sys.modules[__name__], register, ray_tmp, num_cpus=args.slots)
     results = {}
     notes: dict[str, str] = {}
     try:

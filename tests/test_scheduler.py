@@ -99,15 +99,10 @@ def short_tmp() -> str:
 @pytest.fixture(scope="module")
 def ray_2cpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     import ray
-    import ray.cloudpickle as cp
 
     log = tmp_path_factory.mktemp("sched") / "starts.log"
-    cp.register_pickle_by_value(sys.modules[__name__])
-    cp.register_pickle_by_value(fake_trials)
-    register()
     temp = short_tmp()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-             runtime_env={"worker_process_setup_hook": register, "env_vars": {"SCHED_LOG": str(log)}})  # fmt: skip
+    fake_trials.start_ray(sys.modules[__name__], register, temp, env_vars={"SCHED_LOG": str(log)})
     os.environ["SCHED_LOG"] = str(log)
     yield log
     ray.shutdown()
@@ -299,18 +294,11 @@ def test_killed_driver_resumes_every_cell_whatever_its_phase(tmp_path: Path, mon
 
 
 def driver(out: str, spaces: str, temp: str) -> None:
-    import ray
-    import ray.cloudpickle as cp
-
     from dmlbench.orchestrator import sweep
     from dmlbench.search_spaces import loader
 
-    register()
-    cp.register_pickle_by_value(sys.modules[__name__])
-    cp.register_pickle_by_value(fake_trials)
     loader.SPACES_DIR = Path(spaces)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-             runtime_env={"worker_process_setup_hook": register, "env_vars": {"SCHED_LOG": os.environ["SCHED_LOG"]}})  # fmt: skip
+    fake_trials.start_ray(sys.modules[__name__], register, temp, env_vars={"SCHED_LOG": os.environ["SCHED_LOG"]})
     sweep.run(make_spec(Path(out), "killed"), train_fn=sleepy_train, echo=print)
 
 

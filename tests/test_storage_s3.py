@@ -165,18 +165,11 @@ def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
 
 
 def driver(out: str, spaces: str, temp: str) -> None:
-    import ray
-    import ray.cloudpickle as cp
-
     from dmlbench.orchestrator import sweep
     from dmlbench.search_spaces import loader
 
-    register()
-    cp.register_pickle_by_value(sys.modules[__name__])
-    cp.register_pickle_by_value(fake_trials)
     loader.SPACES_DIR = Path(spaces)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-             runtime_env={"worker_process_setup_hook": register, "env_vars": {"S3_LOG": os.environ["S3_LOG"]}})  # fmt: skip
+    fake_trials.start_ray(sys.modules[__name__], register, temp, env_vars={"S3_LOG": os.environ["S3_LOG"]})
     sweep.run(make_spec(out), train_fn=s3_train, echo=print)
 
 
