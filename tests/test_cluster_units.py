@@ -233,3 +233,44 @@ def test_incomplete_cells_name_cell_and_phase() -> None:
     assert incomplete_cells([a, b, c], spec) == [
         "proxyanchor/synthetic/tiny (search and final)", "proxyanchor/cub200/tiny (final)"]  # fmt: skip
     assert incomplete_cells([a, c], spec.model_copy(update={"final_seeds": 0})) == []
+
+
+def test_relink_checkpoints_fills_a_deleted_or_partial_checkpoint_from_the_trials_newest(tmp_path: Path) -> None:
+    """A killed driver's experiment state can name a checkpoint that Tune already deleted (it deletes
+    on registering the next one, but saves its state only every second or two): the folder gets the
+    trial's newest complete checkpoint, the state file last; a complete folder is left alone."""
+    import pyarrow.fs as pafs
+
+    from dmlbench.orchestrator.experiment import relink_checkpoints
+    from dmlbench.orchestrator.trainable import STATE_FILE
+
+    exp = tmp_path / "exp"
+
+    def ckpt(rel: str, epoch: int, state: bool = True) -> None:
+        d = exp / rel
+        (d / "fold1" / "checkpoints").mkdir(parents=True)
+        (d / "fold1" / "checkpoints" / "last.pt").write_text(str(epoch))
+        if state:
+            (d / STATE_FILE).write_text(f'{{"epoch": {epoch}}}')
+
+    ckpt("gone/checkpoint_000002", 3)  # the state names checkpoint_000001, deleted
+    ckpt("gone/checkpoint_000003", 4, state=False)  # an upload cut by the kill: not complete
+    ckpt("partial/checkpoint_000000", 1)
+    ckpt("partial/checkpoint_000001", 1, state=False)  # a relink cut short earlier
+    ckpt("partial/checkpoint_000004", 5)
+    ckpt("fine/checkpoint_000000", 1)
+    ckpt("fine/checkpoint_000001", 2)
+    (exp / "lost").mkdir()  # nothing to resume from: left for Tune to report
+
+    wanted = ["gone/checkpoint_000001", "partial/checkpoint_000001", "fine/checkpoint_000000", "lost/checkpoint_000000"]
+    filled = relink_checkpoints(pafs.LocalFileSystem(), str(exp), wanted)
+
+    assert filled == ["gone/checkpoint_000001", "partial/checkpoint_000001"]
+    for rel, epoch in (("gone/checkpoint_000001", 3), ("partial/checkpoint_000001", 5)):
+        assert (exp / rel / "fold1" / "checkpoints" / "last.pt").read_text() == str(epoch)
+        assert (exp / rel / STATE_FILE).read_text() == f'{{"epoch": {epoch}}}'
+    assert not (exp / "gone" / "checkpoint_000002").exists() and not (exp / "partial" / "checkpoint_000004").exists()
+    assert (exp / "gone" / "checkpoint_000003").exists()  # the incomplete one is not a source, and stays
+    assert (exp / "fine" / "checkpoint_000000" / "fold1" / "checkpoints" / "last.pt").read_text() == "1"
+    assert (exp / "fine" / "checkpoint_000001").exists()
+    assert not (exp / "lost" / "checkpoint_000000").exists()

@@ -288,6 +288,71 @@ def run_config(spec: SweepSpec, sink: RowSink, planned: int) -> Any:
     )
 
 
+def storage_fs(path: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and the path in it of a Tune storage path (local or ``s3://...``)."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def relink_checkpoints(fs: Any, exp_path: str, wanted: list[str]) -> list[str]:
+    """Give every checkpoint folder in ``wanted`` (``<trial dir>/checkpoint_<n>``, relative to
+    ``exp_path``) that is gone or incomplete the contents of its trial's newest complete checkpoint;
+    returns the folders it filled.
+
+    Why: Tune deletes a trial's previous checkpoint as soon as it registers the next one, but writes
+    and syncs its experiment state only every second or two (``sync_period``). A driver killed in
+    between leaves a state that names the deleted checkpoint, and ``Tuner.restore`` then fails that
+    trial ("Could not recover from checkpoint as it does not exist on storage anymore"). The newer
+    checkpoint is there (a worker uploads it before the driver hears of it) and holds the trial's
+    own epoch and best-so-far (:data:`STATE_FILE`), so the trial resumes from it: less work lost,
+    nothing made up. A folder is complete when it has its :data:`STATE_FILE`, which is copied last.
+    """
+    import pyarrow.fs as pafs
+
+    from dmlbench.orchestrator.trainable import STATE_FILE
+
+    filled = []
+    for rel in wanted:
+        trial_dir, name = rel.rsplit("/", 1)
+        target = f"{exp_path}/{rel}"
+        if fs.get_file_info(f"{target}/{STATE_FILE}").type == pafs.FileType.File:
+            continue
+        infos = fs.get_file_info(pafs.FileSelector(f"{exp_path}/{trial_dir}", allow_not_found=True))
+        complete = sorted(
+            i.base_name for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") and i.base_name != name
+            and fs.get_file_info(f"{i.path}/{STATE_FILE}").type == pafs.FileType.File
+        )  # fmt: skip
+        if not complete:
+            continue  # nothing to resume from: Tune reports the trial's checkpoint as lost
+        source = f"{exp_path}/{trial_dir}/{complete[-1]}"
+        files = [i for i in fs.get_file_info(pafs.FileSelector(source, recursive=True)) if i.type == pafs.FileType.File]
+        files.sort(key=lambda i: i.base_name == STATE_FILE)  # the state file last: it marks the copy complete
+        for info in files:
+            dest = f"{target}/{info.path[len(source) + 1:]}"
+            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            fs.copy_file(info.path, dest)
+        fs.delete_dir(source)  # Tune does not know it; its index is reused by the trial's next checkpoint
+        log.warning("%s: the experiment state named %s, which was gone (the driver stopped between a checkpoint and "
+                    "the next state save); it now holds %s, the trial's newest checkpoint", exp_path, rel, complete[-1])  # fmt: skip
+        filled.append(rel)
+    return filled
+
+
+def relink_lost_checkpoints(path: str) -> list[str]:
+    """:func:`relink_checkpoints` for the unfinished trials of the experiment saved at ``path``,
+    before ``Tuner.restore`` resumes them."""
+    fs, exp_path = storage_fs(path)
+    wanted = []
+    for trial in tune.ExperimentAnalysis(path).trials:
+        if trial.status not in ("TERMINATED", "ERROR") and trial.checkpoint is not None:
+            wanted.append("/".join(trial.checkpoint.path.rstrip("/").split("/")[-2:]))
+    return relink_checkpoints(fs, exp_path.rstrip("/"), wanted)
+
+
 def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, out: CellOutcome) -> None:
     """Run (or restore and continue) the experiment; every terminal trial ends as a row in ``out``.
 
@@ -301,6 +366,7 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
         raise SweepInterrupted(f"sweep stopped before {sink.experiment} started; rerun the same command to continue.")
     path = f"{cluster.storage_root(spec)}/{sink.experiment}"
     if tune.Tuner.can_restore(path):
+        relink_lost_checkpoints(path)
         tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)  # fmt: skip
     else:
