@@ -5,19 +5,23 @@ files the driver keeps (:func:`dmlbench.orchestrator.sweepdir.write_progress`): 
 running trials (epoch, latest validation metric) and the start/end of each ended trial; for the
 sweep its trial slots (what the cluster can run at once) and start time.
 
-ETA (:func:`eta_seconds`), from measured trial times only: each cell phase's expected trial time
-is the mean time of its ended trials (else of ended trials of the same phase in other cells; a
-final phase before any final trial ended uses the longest ended search trial of its cell, since
-final trials are never pruned, scaled by the models each trains: a final seed trains every fold
-model). Remaining work = the expected rest of every running trial + pending
-trials × their expected time. ETA = remaining work ÷ (slots × the busy fraction measured so far),
-but never less than the longest chain that cannot run in parallel (a running trial's rest; a cell
-still searching, then its final phase), where every experiment in the chain also costs its measured
-wrap-up (last trial end → ``fit`` returned); a running
-trial past its expected time is expected to run as long as the measured trials that ran longer.
-The driver's own wrap-up after the last trial (leaderboard, Ray shutdown) is counted as its
-measured set-up before the first experiment (Ray start or join), the one comparable cost it has
-measured by then.
+ETA (:func:`eta_seconds`), from measured trial times only. Tune reuses a trial's process for the
+experiment's next trial, so a trial either starts cold (a new process: imports, set-up, seconds) or
+warm (right where an ended trial of its experiment left off); the measured start cost is the mean
+cold trial time minus the mean warm one of the cell phases that have both. Each cell phase's expected
+trial time is the mean of its ended trials' times without that start (else of ended trials of the
+same phase in other cells; a final phase before any final trial ended uses the longest ended search
+trial of its cell, since final trials are never pruned, scaled by the models each trains: a final
+seed trains every fold model). Remaining work = the expected rest of every running trial (a cold
+one also its start) + pending trials × their expected time + the process starts still to come (none
+for an experiment that runs: it hands its processes on; for one not started, as many as experiments
+of its phase started on average). ETA = remaining work ÷ (slots × the busy fraction measured so
+far), but never less than the longest chain that cannot run in parallel (a running trial's rest; a
+cell still searching, then its final phase), where every experiment in the chain also costs its
+measured wrap-up (last trial end → ``fit`` returned); a running trial past its expected time is
+expected to run as long as the measured trials that ran longer. The driver's own wrap-up after the
+last trial (leaderboard, Ray shutdown) is counted as its measured set-up before the first
+experiment (Ray start or join), the one comparable cost it has measured by then.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from dmlbench.results import schema, store
 PLAIN_PERIOD_S = 30.0
 #: seconds of sweep history before the measured busy fraction is used (1 before)
 BUSY_MIN_HISTORY_S = 5.0
+#: a trial that starts at most this long after another trial of its experiment ended reused its process
+WARM_GAP_S = 0.5
 
 
 @dataclass
@@ -50,6 +56,9 @@ class RunningTrial:
     epoch: int
     budget: int
     metric: float | None
+    #: whether it started on a process its experiment's previous trial left (Tune reuses it), so
+    #: without the process start-up a new one costs
+    warm: bool = False
 
 
 @dataclass
@@ -71,6 +80,9 @@ class CellStatus:
     last_end: float | None = None
     #: models one trial trains (search: the search folds; final: the fold models, or 1)
     models: int = 1
+    #: per ended trial (as ``durations``): whether it started warm (see :attr:`RunningTrial.warm`);
+    #: empty when unknown (every trial then counts as it was measured)
+    warm: list[bool] = field(default_factory=list)
 
     @property
     def pending(self) -> int:
@@ -153,22 +165,25 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
                 walls = []
             if phase == "final" and search_done_without_complete:
                 planned = 0  # no complete search trial: the cell's final phase is skipped
-            durations = [float(e["ended"]) - float(e["started"]) for e in ended.values()
-                         if _num(e.get("ended")) and _num(e.get("started"))]  # fmt: skip
+            spans = [(float(e["started"]), float(e["ended"])) for e in ended.values()
+                     if _num(e.get("ended")) and _num(e.get("started"))]  # fmt: skip
+            durations = [b - a for a, b in spans]
+            ends = [b for _, b in spans]
             trials = [RunningTrial(cell.key, phase, tid, float(t.get("started") or now), int(t.get("epoch") or 0),
-                                   budget, t.get("metric") if _num(t.get("metric")) else None)
+                                   budget, t.get("metric") if _num(t.get("metric")) else None,
+                                   warm=_warm(float(t.get("started") or now), ends))
                       for tid, t in sorted(running.items())]  # fmt: skip
             done = len(statuses)
             scores = [v for v in values if _num(v)] + [t.metric for t in trials if t.metric is not None]
             best = (max if spec.mode == "max" else min)(scores) if scores else None  # type: ignore[type-var]
             counts = {s: statuses.count(s) for s in schema.STATUSES}
             times = walls or durations
-            ends = [float(e["ended"]) for e in ended.values() if _num(e.get("ended"))]
             cells.append(CellStatus(spec.sweep_id, cell.key, phase, planned, min(done, planned) if planned else done,
                                     len(trials), counts, statistics.mean(times) if times else None,
                                     durations or walls, trials, best,
                                     closed=_time(prog.get("closed")), last_end=max(ends, default=None),
-                                    models=n_search if phase == "search" else n_final))  # fmt: skip
+                                    models=n_search if phase == "search" else n_final,
+                                    warm=[_warm(a, ends) for a, _ in spans] if durations else []))  # fmt: skip
             if phase == "search":
                 search_done_without_complete = done >= planned and counts["complete"] == 0
     slots = sweep.get("slots")
@@ -197,6 +212,13 @@ def progress_of(results_dir: Path) -> list[SweepProgress]:
     return out
 
 
+def _warm(started: float, ends: list[float]) -> bool:
+    """Whether a trial that started at ``started`` took over the process of a trial of its
+    experiment that ended just before (Tune's actor reuse starts the next trial within tens of ms;
+    a new process takes seconds to start)."""
+    return any(0.0 <= started - e <= WARM_GAP_S for e in ends)
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
@@ -216,20 +238,56 @@ def _metric(row: dict[str, Any], metric: str) -> float | None:
     return float(m) if _num(m) else None
 
 
-def _expected(c: CellStatus, cells: list[CellStatus]) -> float | None:
-    """Expected time of one trial of the cell phase ``c`` (see the module doc)."""
-    if c.durations:
-        return statistics.mean(c.durations)
-    same = [d for o in cells if o.phase == c.phase for d in o.durations]
+def _start_cost(cells: list[CellStatus]) -> float:
+    """Measured cost of starting a trial's process: over the cell phases that have both, the mean
+    time of their cold trials (a new process) minus that of their warm ones (a reused process);
+    0 until one has both."""
+    gaps = []
+    for c in cells:
+        if len(c.warm) != len(c.durations):
+            continue
+        cold = [d for d, w in zip(c.durations, c.warm) if not w]
+        warm = [d for d, w in zip(c.durations, c.warm) if w]
+        if cold and warm:
+            gaps.append(statistics.mean(cold) - statistics.mean(warm))
+    return max(0.0, statistics.mean(gaps)) if gaps else 0.0
+
+
+def _work_times(c: CellStatus, start: float) -> list[float]:
+    """The cell phase's measured trial times without their process start (a cold trial's time minus
+    ``start``, never below a tenth of it)."""
+    if len(c.warm) != len(c.durations):
+        return list(c.durations)
+    return [d if w else max(d - start, 0.1 * d) for d, w in zip(c.durations, c.warm)]
+
+
+def _expected(c: CellStatus, cells: list[CellStatus], start: float = 0.0) -> float | None:
+    """Expected time of one trial of the cell phase ``c`` on a process that already runs (see the
+    module doc); ``start``: the measured process start, taken out of cold trials' times."""
+    own = _work_times(c, start)
+    if own:
+        return statistics.mean(own)
+    same = [d for o in cells if o.phase == c.phase for d in _work_times(o, start)]
     if same:
         return statistics.mean(same)
     if c.phase == "final":
-        search = [(d, o.models) for o in cells if o.cell == c.cell and o.phase == "search" for d in o.durations]
+        search = [(d, o.models) for o in cells if o.cell == c.cell and o.phase == "search" for d in _work_times(o, start)]
         if search:  # the longest search trial (never pruned), per model, times the final trial's models
             d, n = max(search)
             return d * c.models / max(n, 1)
-    anything = [d for o in cells for d in o.durations]
+    anything = [d for o in cells for d in _work_times(o, start)]
     return statistics.mean(anything) if anything else None
+
+
+def _cold_starts(c: CellStatus, cells: list[CellStatus]) -> float:
+    """Processes the cell phase's pending trials are expected to start: none once its experiment
+    runs (Tune hands its next trials the processes of its ended ones), else as many as the
+    experiments of the same phase that ended started, on average (1 before any ended)."""
+    if c.durations or c.trials:
+        return 0.0
+    done = [o.warm.count(False) for o in cells
+            if o.phase == c.phase and o.warm and len(o.warm) == len(o.durations) and not (o.pending or o.trials)]  # fmt: skip
+    return min(float(c.pending), statistics.mean(done)) if done else min(float(c.pending), 1.0)
 
 
 def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: float | None = None,
@@ -241,24 +299,25 @@ def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: floa
     closing = _closing_lag(cells)
     if not any(c.pending or c.trials for c in cells):
         return wrapup  # every trial ended: the driver's wrap-up is left (0 once it ended)
+    start = _start_cost(cells)
     work = 0.0
     chain = 0.0
     for c in cells:
-        exp = _expected(c, cells)
+        exp = _expected(c, cells, start)
         if exp is None:
             if c.pending or c.trials:
                 return None
             continue
-        rests = [_rest(now - t.started, exp, c.durations) for t in c.trials]
-        work += sum(rests) + c.pending * exp
+        rests = [_rest(now - t.started, exp + (0.0 if t.warm else start), c.durations) for t in c.trials]
+        work += sum(rests) + c.pending * exp + _cold_starts(c, cells) * start
         if not (c.pending or c.trials):
             continue
-        tail = max(rests, default=0.0) if c.trials else exp
+        tail = max(rests, default=0.0) if c.trials else exp + start
         tail += closing
         if c.phase == "search":
             final = next((f for f in cells if f.cell == c.cell and f.phase == "final"), None)
             if final is not None and final.planned:
-                tail += (_expected(final, cells) or 0.0) + closing
+                tail += (_expected(final, cells, start) or 0.0) + start + closing
         chain = max(chain, tail)
     running_now = sum(len(c.trials) for c in cells)
     capacity = float(slots) if slots else float(max(1, running_now))
