@@ -345,12 +345,14 @@ def relink_checkpoints(fs: Any, exp_path: str, wanted: list[str]) -> list[str]:
 def relink_lost_checkpoints(path: str) -> list[str]:
     """:func:`relink_checkpoints` for the unfinished trials of the experiment saved at ``path``,
     before ``Tuner.restore`` resumes them."""
-    fs, exp_path = storage_fs(path)
-    wanted = []
-    for trial in tune.ExperimentAnalysis(path).trials:
-        if trial.status not in ("TERMINATED", "ERROR") and trial.checkpoint is not None:
-            wanted.append("/".join(trial.checkpoint.path.rstrip("/").split("/")[-2:]))
-    return relink_checkpoints(fs, exp_path.rstrip("/"), wanted)
+    try:
+        fs, exp_path = storage_fs(path)
+        wanted = ["/".join(t.checkpoint.path.rstrip("/").split("/")[-2:]) for t in tune.ExperimentAnalysis(path).trials
+                  if t.status not in ("TERMINATED", "ERROR") and t.checkpoint is not None]  # fmt: skip
+        return relink_checkpoints(fs, exp_path.rstrip("/"), wanted)
+    except Exception as err:  # a repair only: Tuner.restore reports what is really wrong with the state
+        log.warning("%s: lost checkpoints not checked before the restore (%s: %s)", path, type(err).__name__, err)
+        return []
 
 
 def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, out: CellOutcome) -> None:
