@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from dmlbench.config import TrialConfig
 from dmlbench.engine import train
 from dmlbench.engine.backbones import build_backbone
-from dmlbench.engine.runtime import loader_settings, pin_memory_for, trial_runtime, use_channels_last
+from dmlbench.engine.runtime import (
+    loader_settings,
+    model_memory_format,
+    pin_memory_for,
+    trial_runtime,
+    use_channels_last,
+)
 from dmlbench.engine.trainer import build_trainer
 from dmlbench.errors import Diverged
 from dmlbench.methods import METHODS, Batch, LossOutput, Method
@@ -190,21 +196,39 @@ def test_trial_runtime_is_scoped() -> None:
 class _FormatSpy(Method):
     name = "format_spy_test"
     seen: list[bool] = []
+    seen_eval: list[bool] = []
 
     def loss(self, batch: Batch) -> LossOutput:
         _FormatSpy.seen.append(batch.images.is_contiguous(memory_format=torch.channels_last))
         return LossOutput(self.backbone(batch.images).pow(2).mean())
 
+    def embed_for_eval(self, images: Tensor) -> dict[str, Tensor]:
+        _FormatSpy.seen_eval.append(images.is_contiguous(memory_format=torch.channels_last))
+        return super().embed_for_eval(images)
 
-def test_channels_last_reaches_model_and_batches(tiny_cfg: dict[str, Any]) -> None:
+    def pool_embed(self, images: Tensor) -> Tensor:
+        _FormatSpy.seen_eval.append(images.is_contiguous(memory_format=torch.channels_last))
+        return super().pool_embed(images)
+
+
+@pytest.mark.parametrize("channels_last", [True, None])
+def test_channels_last_reaches_model_and_batches(tiny_cfg: dict[str, Any], channels_last: bool | None) -> None:
+    """Training, evaluation and hook batches go in the model's memory format: channels_last when
+    it is on (CUDA conv backbones; forced here on CPU), unchanged by default on CPU."""
     METHODS.register("format_spy_test")(_FormatSpy)
     try:
-        _FormatSpy.seen = []
-        trainer = build_trainer(TrialConfig.from_dict({**tiny_cfg, "method": "format_spy_test", "channels_last": True}))
+        _FormatSpy.seen, _FormatSpy.seen_eval = [], []
+        trainer = build_trainer(TrialConfig.from_dict(
+            {**tiny_cfg, "method": "format_spy_test", "channels_last": channels_last}))
         conv = next(m for m in trainer.method.modules() if isinstance(m, nn.Conv2d))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        on = bool(channels_last)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == on
+        assert model_memory_format(trainer.method) == (torch.channels_last if on else torch.preserve_format)
         trainer.run_steps(list(trainer.loader))
-        assert _FormatSpy.seen and all(_FormatSpy.seen)
+        trainer._validate()
+        trainer.embed_train_set()
+        assert _FormatSpy.seen and all(s == on for s in _FormatSpy.seen)
+        assert len(_FormatSpy.seen_eval) >= 2 and all(s == on for s in _FormatSpy.seen_eval)
     finally:
         METHODS._entries.pop("format_spy_test")
 

@@ -31,7 +31,7 @@ from dmlbench.datasets.splits import SplitManifest, TrialSplit, make_manifest, t
 from dmlbench.datasets.torchdata import ClassBalancedBatchSampler, ImageDataset, make_loader
 from dmlbench.datasets.transforms import build_transform
 from dmlbench.engine.backbones import build_backbone
-from dmlbench.engine.runtime import pin_memory_for, trial_runtime, use_channels_last
+from dmlbench.engine.runtime import model_memory_format, pin_memory_for, trial_runtime, use_channels_last
 from dmlbench.errors import CheckpointError, ConfigError, DatasetError, Diverged
 from dmlbench.fsutil import atomic_open
 from dmlbench.methods import METHODS, Batch, LossOutput, Method, TrainContext
@@ -235,19 +235,24 @@ def eval_precision(method: Method, cfg: TrialConfig, device: torch.device) -> It
 @torch.no_grad()
 def embed_indices(
     method: Method, table: SampleTable, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
-    embedded: bool,
+    embedded: bool, memory_format: torch.memory_format | None = None,
 ) -> dict[str, Tensor]:
     """Float32 evaluation embeddings of the images ``indices`` per ``embed_for_eval`` key, left on
-    ``device`` (the k-NN and k-means then run there); see :func:`eval_precision`."""
+    ``device`` (the k-NN and k-means then run there); see :func:`eval_precision`.
+
+    Batches go to the device in ``memory_format``, the model's own by default
+    (:func:`~dmlbench.engine.runtime.model_memory_format`: ``channels_last`` for a convolutional
+    model the trainer put in it, as its training batches are; unchanged otherwise)."""
     ds = ImageDataset(table, indices, build_transform(cfg.image_size, train=False, embedded=embedded))
     loader = make_loader(ds, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
+    fmt = model_memory_format(method) if memory_format is None else memory_format
     was_training = method.training
     method.eval()
     parts: dict[str, list[Tensor]] = {}
     try:
         with eval_precision(method, cfg, device):
             for batch in loader:
-                out = method.embed_for_eval(batch.to(device).images)
+                out = method.embed_for_eval(batch.to(device, fmt).images)
                 for k, v in out.items():
                     parts.setdefault(k, []).append(v.float())
     finally:
@@ -258,18 +263,19 @@ def embed_indices(
 def evaluate_indices(
     method: Method, data: TrialData, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
     query_gallery: bool = False, step: int = 0, clustering: bool = True, cluster_keys: set[str] | None = None,
-    keep: dict[str, Tensor] | None = None,
+    keep: dict[str, Tensor] | None = None, memory_format: torch.memory_format | None = None,
 ) -> dict[str, float]:
     """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery).
 
     ``clustering=False`` leaves out NMI/F1 (k-means); ``cluster_keys`` limits them to these
     ``embed_for_eval`` keys (``""``: the primary embedding; validation passes the primary key and
     the early-stop metric's, the test split clusters every key). Non-finite embeddings (a model
-    that blew up without a non-finite loss) raise :class:`Diverged`.
+    that blew up without a non-finite loss) raise :class:`Diverged`. ``memory_format``: that of
+    the batches (see :func:`embed_indices`).
     """
     from dmlbench.evaluation import evaluate_embeddings
 
-    embs = embed_indices(method, data.table, indices, cfg, device, data.source.embedded)
+    embs = embed_indices(method, data.table, indices, cfg, device, data.source.embedded, memory_format)
     if keep is not None:  # the caller keeps the embeddings (the final phase's fold-model concatenation)
         keep.update(embs)
     for key, emb in embs.items():
@@ -554,7 +560,7 @@ class Trainer:
             out = []
             with eval_precision(self.method, self.cfg, self.device):
                 for batch in loader:
-                    out.append(self.method.pool_embed(batch.to(self.device).images).float())
+                    out.append(self.method.pool_embed(batch.to(self.device, self.memory_format).images).float())
             return torch.cat(out)
         finally:
             self.method.train(was)
@@ -718,7 +724,8 @@ class Trainer:
         key, _, metric = self.cfg.early_stop_metric.rpartition("/")
         keys = {"", key} if metric in ("nmi", "f1") else {""}
         return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device, step=self.step,
-                                clustering=self.cfg.val_clustering, cluster_keys=keys)  # fmt: skip
+                                clustering=self.cfg.val_clustering, cluster_keys=keys,
+                                memory_format=self.memory_format)  # fmt: skip
 
     def _track_best(self, metrics: dict[str, float]) -> None:
         key = self.cfg.early_stop_metric
@@ -754,7 +761,7 @@ class Trainer:
             kept: dict[str, Tensor] = {}
             test_metrics = evaluate_indices(
                 self.method, data, data.split.test, cfg, self.device, query_gallery=data.source.query_gallery,
-                keep=kept,
+                keep=kept, memory_format=self.memory_format,
             )
             test_embedding = kept.get("")
         if cfg.phase == "final" and test_metrics is not None:
