@@ -14,7 +14,6 @@ from dmlbench.methods.baselines import (
     DeviceDivisorReducer,
     DeviceMarginLoss,
     DeviceMultiSimilarityLoss,
-    DeviceProxyAnchorLoss,
 )
 from dmlbench.methods.devicemath import divide_by_count
 
@@ -32,13 +31,13 @@ def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 1, 1, 3, 3, 5, 5], [2] * 8, [0, 1, 2, 3, 4, 5, 0, 1]])
-def test_proxy_anchor_matches_pml(labels: list[int]) -> None:
+def test_proxy_anchor_with_the_device_reducer_matches_pml(labels: list[int]) -> None:
     y = torch.tensor(labels)
     emb = torch.randn(len(y), 16, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     ref = losses.ProxyAnchorLoss(6, 16, margin=0.1, alpha=32)
     torch.manual_seed(0)
-    ours = DeviceProxyAnchorLoss(6, 16, margin=0.1, alpha=32, reducer=DeviceDivisorReducer())
+    ours = losses.ProxyAnchorLoss(6, 16, margin=0.1, alpha=32, reducer=DeviceDivisorReducer())
     assert torch.equal(ref.proxies, ours.proxies)
     assert _same(_grads(ref, emb, y), _grads(ours, emb, y))
 

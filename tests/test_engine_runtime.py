@@ -217,11 +217,11 @@ def test_methods_read_nothing_back_per_step(tiny_cfg: dict[str, Any], method: st
     assert per_step_sites <= sites, dict(spy.calls)
 
 
-@pytest.mark.parametrize("method", ["proxyanchor", "ccp", "nivmf"])
+@pytest.mark.parametrize("method", ["ccp", "nivmf"])
 def test_methods_make_no_data_sized_tensors_per_step(tiny_cfg: dict[str, Any], method: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """No ``nonzero``/boolean-mask indexing per step either (a host sync on CUDA that no Python
-    read-back shows): ProxyAnchor counts its batch's classes on the device, nivMF's sampler reads
+    read-back shows; PML's ProxyAnchorLoss has one, its count of the batch's classes): nivMF's sampler reads
     back once per rejection round after the first (the last finds nothing left to draw), the
     inherent read: how many candidates to draw next sets the random stream."""
     import dmlbench.methods.nivmf.vmf as vmf

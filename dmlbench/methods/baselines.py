@@ -8,14 +8,14 @@ Host syncs per step (a read-back of a device value, which makes the CPU wait for
 code tests values on the host in places that need not. The subclasses below give the same
 numbers and gradients without them: :class:`DeviceDivisorReducer` (``DivisorReducer`` tests
 ``isnan(output)`` on every call, only needed for float16, and margin's shared divisor twice;
-proxyanchor, margin),
-:class:`DeviceProxyAnchorLoss` (``len(torch.where(...)[0])`` counts the batch's classes) and
+proxyanchor, margin) and
 :class:`DeviceMultiSimilarityLoss` (an ``assert`` that no pair is both positive and negative,
 true by construction). What is left is inherent: margin's ``if divisor != 0`` on its count of
 active triplets decides whether β enters the autograd graph at all (a None gradient, which the
 optimiser skips, vs a zero one, which Adam still steps), and PML's miners and losses whose
 outputs have data-dependent sizes (index lists from ``torch.where`` and boolean masks):
-multisimilarity's and triplet's miners, margin's distance-weighted miner (per-class loops, a
+ProxyAnchor's count of the batch's classes (``len(torch.where(...)[0])``: doing it on the device
+would mean rewriting PML's loss, not subclassing it), multisimilarity's and triplet's miners, margin's distance-weighted miner (per-class loops, a
 device ``multinomial``), triplet's threshold reducer and proxynca's ``exp[exp != 0]``; doing
 those on the device would change the computation or the miner's random stream.
 """
@@ -28,13 +28,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 from pytorch_metric_learning import losses, miners, reducers
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor, nn
 
 from dmlbench.config import TrialConfig
 from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams
-from dmlbench.methods.devicemath import divide_by_count
 
 
 @dataclass(frozen=True)
@@ -78,57 +75,6 @@ class DeviceMarginLoss(losses.MarginLoss):
                 if term.get("divisor") is divisor:
                     term["divisor"] = known
         return out
-
-
-class DeviceProxyAnchorLoss(losses.ProxyAnchorLoss):
-    """PML's ``ProxyAnchorLoss`` (2.x) with the positive term's divisor, the number of classes in
-    the batch, counted on the device: PML takes ``len(torch.where(counts != 0)[0])``, a host read.
-    The positive term is reduced here as PML's reducer would with that number as a host integer
-    (:func:`~dmlbench.methods.devicemath.divide_by_count`, same rounding on CPU and CUDA); the
-    negative term (divisor: the number of classes) goes through the reducer as before. Float16
-    embeddings take PML's own path."""
-
-    def compute_loss(self, embeddings: Tensor, labels: Tensor, indices_tuple: Any, ref_emb: Any,
-                     ref_labels: Any) -> dict[str, Any]:
-        if embeddings.dtype == torch.float16:
-            return super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)  # type: ignore[no-any-return]
-        c_f.labels_required(labels)
-        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
-        dtype, device = embeddings.dtype, embeddings.device
-        self.cast_types(dtype, device)
-        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype).unsqueeze(1)
-        miner_weights = miner_weights - 1
-
-        cos = self.get_logits(embeddings)
-
-        pos_mask = torch.nn.functional.one_hot(labels, self.num_classes)
-        neg_mask = 1 - pos_mask
-
-        n_with_pos = (torch.sum(pos_mask, dim=0) != 0).sum()  # PML: len(torch.where(... != 0)[0])
-
-        pos_exp = self.distance.margin(cos, self.margin)
-        neg_exp = self.distance.margin(-self.margin, cos)
-
-        pos_term = lmu.logsumexp((self.alpha * pos_exp) + miner_weights, keep_mask=pos_mask.bool(), add_one=True, dim=0)
-        neg_term = lmu.logsumexp((self.alpha * neg_exp) + miner_weights, keep_mask=neg_mask.bool(), add_one=True, dim=0)
-
-        # PML's DivisorReducer: sum / divisor, the zero loss for a zero divisor, which (labels in
-        # 0..C-1) happens exactly for an empty batch: a shape, known without a read-back
-        if labels.numel() == 0:
-            pos_loss = torch.sum(embeddings * 0)
-        else:
-            pos_loss = divide_by_count(torch.sum(pos_term.squeeze(0)), n_with_pos)
-        loss_dict = {
-            "pos_loss": {"losses": pos_loss, "indices": None, "reduction_type": "already_reduced"},
-            "neg_loss": {
-                "losses": neg_term.squeeze(0),
-                "indices": c_f.torch_arange_from_size(self.proxies),
-                "reduction_type": "element",
-                "divisor": self.num_classes,
-            },
-        }
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.proxies)
-        return loss_dict
 
 
 class DeviceMultiSimilarityLoss(losses.MultiSimilarityLoss):
@@ -194,8 +140,8 @@ class ProxyAnchor(_PMLMethod):
 
     def make_loss(self, dim: int) -> nn.Module:
         p = self.hparams
-        return DeviceProxyAnchorLoss(self.num_classes, dim, margin=p.margin, alpha=p.alpha,
-                                     reducer=DeviceDivisorReducer())
+        return losses.ProxyAnchorLoss(self.num_classes, dim, margin=p.margin, alpha=p.alpha,
+                                      reducer=DeviceDivisorReducer())
 
 
 class ProxyNCAParams(MethodParams):
