@@ -2,7 +2,8 @@
 
 Both sides train the same model (dmlbench's ``Backbone``: input normalisation, a timm trunk and the
 linear embedding head, built from the same seed), with the same loss (pytorch-metric-learning's
-``ProxyAnchorLoss``, as the ``proxyanchor`` method uses it, proxies from the same seed), the same
+``ProxyAnchorLoss`` on both sides, the ``proxyanchor`` method's with a reducer that skips PML's
+per-step ``isnan`` read, the same numbers; proxies from the same seed), the same
 optimiser (Adam, proxies at 100× the LR without weight decay), on the same batches held in memory
 (uint8 images, ``classes × samples`` labels). Evaluation is not part of it, nor is the data
 pipeline (decode, crop, flip: ``bench/data_pipeline.py`` measures that); what is timed is

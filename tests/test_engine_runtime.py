@@ -12,12 +12,19 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dmlbench.config import TrialConfig
 from dmlbench.engine import train
 from dmlbench.engine.backbones import build_backbone
-from dmlbench.engine.runtime import loader_settings, pin_memory_for, trial_runtime, use_channels_last
-from dmlbench.engine.trainer import build_trainer
+from dmlbench.engine.runtime import (
+    loader_settings,
+    model_memory_format,
+    pin_memory_for,
+    trial_runtime,
+    use_channels_last,
+)
+from dmlbench.engine.trainer import StepLogs, build_trainer
 from dmlbench.errors import Diverged
 from dmlbench.methods import METHODS, Batch, LossOutput, Method
 
@@ -40,6 +47,48 @@ class _SyncSpy:
             return orig(t, *args, **kwargs)
 
         return spy
+
+    def count(self, where: tuple[str, ...] = ("",)) -> int:
+        return sum(n for k, n in self.calls.items() if any(w in k for w in where))
+
+
+def _site() -> str:
+    """``file:function`` of the innermost dmlbench or PML frame of the current stack."""
+    for fr in reversed(traceback.extract_stack()[:-2]):
+        at = max(fr.filename.rfind("/dmlbench/"), fr.filename.rfind("/pytorch_metric_learning/"))
+        if at >= 0:
+            return f"{fr.filename[at + 1:]}:{fr.name}"
+    return "?"
+
+
+class _SiteSpy(_SyncSpy):
+    """A :class:`_SyncSpy` that names the dmlbench/PML function asking (not only the file)."""
+
+    def _wrap(self, name: str, orig: Any) -> Any:
+        def spy(t: Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.calls[f"{name} from {_site()}"] += 1
+            return orig(t, *args, **kwargs)
+
+        return spy
+
+
+class _ShapeSpy(TorchDispatchMode):
+    """Counts the operators whose output size depends on the data (``nonzero``, boolean-mask
+    indexing, ``masked_select``, ``unique``): each is a host sync on CUDA, without any Python
+    read-back for :class:`_SyncSpy` to see. Keyed by the dmlbench/PML function that ran them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.name()
+        sized = any(w in name for w in ("nonzero", "masked_select", "unique"))
+        if name.startswith(("aten::index.", "aten::index_put")) and len(args) > 1:
+            sized = any(isinstance(i, Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if sized:
+            self.calls[f"{name} from {_site()}"] += 1
+        return func(*args, **(kwargs or {}))
 
     def count(self, where: tuple[str, ...] = ("",)) -> int:
         return sum(n for k, n in self.calls.items() if any(w in k for w in where))
@@ -126,6 +175,114 @@ def test_trainer_adds_no_sync_per_step_to_real_methods(
     assert counts[0] == counts[1], spy.calls
 
 
+def _method_trainer(tiny_cfg: dict[str, Any], method: str) -> tuple[Any, list[Batch]]:
+    extra = {"fold": 0} if method == "ccp" else {}  # ccp trains on a fold (its stages need a validation)
+    # SGD: Adam reads its step counter with item(), a CPU tensor (no device sync on CUDA)
+    trainer = _trainer(tiny_cfg, method=method, optimizer="sgd", sync_every=1000, **extra)
+    trainer.start()  # warm starts, queue fill, proxy init
+    batches = list(trainer.loader)
+    trainer.run_steps(batches[:2])  # first-call work (lazy init) out of the count
+    return trainer, batches
+
+
+#: the only read-backs left in a method's step, per step, and where they are (module:function).
+#: DiVA draws its triplets on the CPU with its seeded CPU generator from distance-weighted
+#: probabilities computed on the device: the discriminative and the shared task copy them back
+#: (the inherent sync) and check them for NaN there (a host-side read, no sync). Margin reads its
+#: count of active triplets once: whether it is 0 decides what enters the autograd graph.
+_READS_LEFT: dict[str, tuple[int, set[str]]] = {
+    "diva": (4, {"cpu from dmlbench/methods/diva/functional.py:_probs_on_host",
+                 "__bool__ from dmlbench/methods/diva/functional.py:_check_finite"}),
+    "margin": (1, {"__bool__ from dmlbench/methods/baselines.py:compute_loss"}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
+def test_methods_read_nothing_back_per_step(tiny_cfg: dict[str, Any], method: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``item()``/``float()``/``bool()``/``int()``/``tolist()``/``numpy()``/``cpu()`` per training
+    step, in the methods' own maths (PML's reducers, nivMF's temperature check and sampler,
+    DiVA's counts and logs) as in the trainer: runs of 3 and 12 steps read back as often, except
+    for the inherent read-backs of :data:`_READS_LEFT`, which come exactly once per step each."""
+    trainer, batches = _method_trainer(tiny_cfg, method)
+    spy = _SiteSpy(monkeypatch)
+    counts = []
+    for n in (3, 12):
+        spy.calls.clear()
+        trainer.run_steps(batches[:n])
+        counts.append(spy.count())
+    per_step, sites = _READS_LEFT.get(method, (0, set()))
+    assert counts[1] - counts[0] == 9 * per_step, (counts, dict(spy.calls))
+    per_step_sites = {k for k, n in spy.calls.items() if n >= 12}  # a run's 1-2 read-backs of its logs are fewer
+    assert per_step_sites <= sites, dict(spy.calls)
+
+
+@pytest.mark.parametrize("method", ["ccp", "nivmf"])
+def test_methods_make_no_data_sized_tensors_per_step(tiny_cfg: dict[str, Any], method: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``nonzero``/boolean-mask indexing per step either (a host sync on CUDA that no Python
+    read-back shows; PML's ProxyAnchorLoss has one, its count of the batch's classes): nivMF's sampler reads
+    back once per rejection round after the first (the last finds nothing left to draw), the
+    inherent read: how many candidates to draw next sets the random stream."""
+    import dmlbench.methods.nivmf.vmf as vmf
+
+    trainer, batches = _method_trainer(tiny_cfg, method)
+    rounds = Counter[str]()
+    real = vmf._beta_symmetric
+
+    def counted(*args: Any, **kwargs: Any) -> Tensor:
+        rounds["draws"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vmf, "_beta_symmetric", counted)
+    counts, sampler = [], []
+    for n in (3, 12):
+        rounds.clear()
+        with _ShapeSpy() as spy:
+            trainer.run_steps(batches[:n])
+        # (CPU only: F.one_hot checks its labels with a read-back there, not on CUDA: not counted)
+        counts.append(spy.count() - spy.count(("vmf.py",)))
+        sampler.append((spy.count(("vmf.py:vmf_draw_noise",)), rounds["draws"]))
+    assert counts[0] == counts[1], dict(spy.calls)
+    assert all(reads == draws for reads, draws in sampler), (sampler, dict(spy.calls))
+    assert method == "nivmf" or sampler == [(0, 0), (0, 0)]
+
+
+def test_a_hook_divergence_is_read_back_with_the_logs_and_names_its_step(
+    tiny_cfg: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nivMF's temperature check (T > 0, finite) runs on the device; a T that left T > 0 is
+    reported at the next read-back of the step logs, as the divergence of the step where it did."""
+    trainer, batches = _method_trainer(tiny_cfg, "nivmf")  # steps 1-2 done, sync_every=1000
+    group = next(g for g in trainer.optimizer.param_groups if g["name"] == "temp")
+    group["lr"] = 0.0  # T stays where it is put
+    with torch.no_grad():
+        trainer.method.temp_raw.fill_(-0.5)
+    calls: list[int] = []
+    loss = trainer.method.loss
+    monkeypatch.setattr(trainer.method, "loss", lambda batch: calls.append(1) or loss(batch))
+    with pytest.raises(Diverged) as info:
+        trainer.run_steps(batches[:5])
+    assert len(calls) == 5  # not raised at the step: found at the read-back after the run
+    assert info.value.step == 3 and info.value.terms == {"temp": -0.5}
+
+
+def test_step_logs_read_checks_back_with_the_logs() -> None:
+    ok, bad = torch.tensor(False), torch.tensor(True)
+    logs = StepLogs(every=10)
+    for step in (1, 2):
+        logs.add(step, LossOutput(torch.tensor(float(step)), {"t": torch.tensor(2.0)}), {},
+                 [(ok, {"temp": torch.tensor(0.5)})])
+    assert logs.means() == {"loss": 1.5, "t": 2.0}  # check columns are no logs
+    logs = StepLogs(every=10)
+    logs.add(1, LossOutput(torch.tensor(1.0)), {}, [(ok, {"temp": torch.tensor(0.5)})])
+    logs.add(2, LossOutput(torch.tensor(1.0)), {}, [(bad, {"temp": torch.tensor(-0.5)})])
+    logs.add(3, LossOutput(torch.tensor(float("nan"))), {}, [(bad, {"temp": torch.tensor(-0.7)})])
+    with pytest.raises(Diverged) as info:
+        logs.flush()
+    assert info.value.step == 2 and info.value.terms == {"temp": -0.5}
+
+
 def test_nan_found_at_a_later_read_back_names_its_step(tiny_cfg: dict[str, Any], logs_method: Any) -> None:
     logs_method.nan_from = 3
     cfg = TrialConfig.from_dict({**tiny_cfg, "method": "tensor_logs_test", "iters_per_epoch": 6, "sync_every": 4})
@@ -190,21 +347,39 @@ def test_trial_runtime_is_scoped() -> None:
 class _FormatSpy(Method):
     name = "format_spy_test"
     seen: list[bool] = []
+    seen_eval: list[bool] = []
 
     def loss(self, batch: Batch) -> LossOutput:
         _FormatSpy.seen.append(batch.images.is_contiguous(memory_format=torch.channels_last))
         return LossOutput(self.backbone(batch.images).pow(2).mean())
 
+    def embed_for_eval(self, images: Tensor) -> dict[str, Tensor]:
+        _FormatSpy.seen_eval.append(images.is_contiguous(memory_format=torch.channels_last))
+        return super().embed_for_eval(images)
 
-def test_channels_last_reaches_model_and_batches(tiny_cfg: dict[str, Any]) -> None:
+    def pool_embed(self, images: Tensor) -> Tensor:
+        _FormatSpy.seen_eval.append(images.is_contiguous(memory_format=torch.channels_last))
+        return super().pool_embed(images)
+
+
+@pytest.mark.parametrize("channels_last", [True, None])
+def test_channels_last_reaches_model_and_batches(tiny_cfg: dict[str, Any], channels_last: bool | None) -> None:
+    """Training, evaluation and hook batches go in the model's memory format: channels_last when
+    it is on (CUDA conv backbones; forced here on CPU), unchanged by default on CPU."""
     METHODS.register("format_spy_test")(_FormatSpy)
     try:
-        _FormatSpy.seen = []
-        trainer = build_trainer(TrialConfig.from_dict({**tiny_cfg, "method": "format_spy_test", "channels_last": True}))
+        _FormatSpy.seen, _FormatSpy.seen_eval = [], []
+        trainer = build_trainer(TrialConfig.from_dict(
+            {**tiny_cfg, "method": "format_spy_test", "channels_last": channels_last}))
         conv = next(m for m in trainer.method.modules() if isinstance(m, nn.Conv2d))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        on = bool(channels_last)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == on
+        assert model_memory_format(trainer.method) == (torch.channels_last if on else torch.preserve_format)
         trainer.run_steps(list(trainer.loader))
-        assert _FormatSpy.seen and all(_FormatSpy.seen)
+        trainer._validate()
+        trainer.embed_train_set()
+        assert _FormatSpy.seen and all(s == on for s in _FormatSpy.seen)
+        assert len(_FormatSpy.seen_eval) >= 2 and all(s == on for s in _FormatSpy.seen_eval)
     finally:
         METHODS._entries.pop("format_spy_test")
 

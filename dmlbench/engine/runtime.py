@@ -85,6 +85,31 @@ def use_channels_last(setting: bool | None, device: torch.device, model: nn.Modu
     return device.type == "cuda" and has_conv(model)
 
 
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    """``torch.channels_last`` when ``model`` was put in that format (a 2-D convolution whose
+    weight is NHWC and not also NCHW-contiguous), else ``torch.preserve_format``: the format its
+    input batches should be sent in.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+        >>> model_memory_format(conv) == torch.preserve_format
+        True
+        >>> model_memory_format(conv.to(memory_format=torch.channels_last)) == torch.channels_last
+        True
+    """
+    import torch
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.dim() == 4:
+            w = m.weight
+            if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+                return torch.channels_last
+    return torch.preserve_format
+
+
 @contextmanager
 def trial_runtime(threads: int | None, device: torch.device, deterministic: bool) -> Iterator[None]:
     """Scoped process-wide settings of a trial: ``torch.set_num_threads(threads)`` (``None``: left

@@ -31,11 +31,11 @@ from dmlbench.datasets.splits import SplitManifest, TrialSplit, make_manifest, t
 from dmlbench.datasets.torchdata import ClassBalancedBatchSampler, ImageDataset, make_loader
 from dmlbench.datasets.transforms import build_transform
 from dmlbench.engine.backbones import build_backbone
-from dmlbench.engine.runtime import pin_memory_for, trial_runtime, use_channels_last
+from dmlbench.engine.runtime import model_memory_format, pin_memory_for, trial_runtime, use_channels_last
 from dmlbench.errors import CheckpointError, ConfigError, DatasetError, Diverged
 from dmlbench.fsutil import atomic_open
 from dmlbench.methods import METHODS, Batch, LossOutput, Method, TrainContext
-from dmlbench.methods.base import check_param_groups
+from dmlbench.methods.base import StepCheck, check_param_groups
 
 Report = Callable[[int, dict[str, float], "str | None"], None]
 CHECKPOINT_VERSION = 1
@@ -235,19 +235,24 @@ def eval_precision(method: Method, cfg: TrialConfig, device: torch.device) -> It
 @torch.no_grad()
 def embed_indices(
     method: Method, table: SampleTable, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
-    embedded: bool,
+    embedded: bool, memory_format: torch.memory_format | None = None,
 ) -> dict[str, Tensor]:
     """Float32 evaluation embeddings of the images ``indices`` per ``embed_for_eval`` key, left on
-    ``device`` (the k-NN and k-means then run there); see :func:`eval_precision`."""
+    ``device`` (the k-NN and k-means then run there); see :func:`eval_precision`.
+
+    Batches go to the device in ``memory_format``, the model's own by default
+    (:func:`~dmlbench.engine.runtime.model_memory_format`: ``channels_last`` for a convolutional
+    model the trainer put in it, as its training batches are; unchanged otherwise)."""
     ds = ImageDataset(table, indices, build_transform(cfg.image_size, train=False, embedded=embedded))
     loader = make_loader(ds, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
+    fmt = model_memory_format(method) if memory_format is None else memory_format
     was_training = method.training
     method.eval()
     parts: dict[str, list[Tensor]] = {}
     try:
         with eval_precision(method, cfg, device):
             for batch in loader:
-                out = method.embed_for_eval(batch.to(device).images)
+                out = method.embed_for_eval(batch.to(device, fmt).images)
                 for k, v in out.items():
                     parts.setdefault(k, []).append(v.float())
     finally:
@@ -258,18 +263,19 @@ def embed_indices(
 def evaluate_indices(
     method: Method, data: TrialData, indices: np.ndarray, cfg: TrialConfig, device: torch.device,
     query_gallery: bool = False, step: int = 0, clustering: bool = True, cluster_keys: set[str] | None = None,
-    keep: dict[str, Tensor] | None = None,
+    keep: dict[str, Tensor] | None = None, memory_format: torch.memory_format | None = None,
 ) -> dict[str, float]:
     """Metrics of ``method`` on the images ``indices`` (self-retrieval, or query/gallery).
 
     ``clustering=False`` leaves out NMI/F1 (k-means); ``cluster_keys`` limits them to these
     ``embed_for_eval`` keys (``""``: the primary embedding; validation passes the primary key and
     the early-stop metric's, the test split clusters every key). Non-finite embeddings (a model
-    that blew up without a non-finite loss) raise :class:`Diverged`.
+    that blew up without a non-finite loss) raise :class:`Diverged`. ``memory_format``: that of
+    the batches (see :func:`embed_indices`).
     """
     from dmlbench.evaluation import evaluate_embeddings
 
-    embs = embed_indices(method, data.table, indices, cfg, device, data.source.embedded)
+    embs = embed_indices(method, data.table, indices, cfg, device, data.source.embedded, memory_format)
     if keep is not None:  # the caller keeps the embeddings (the final phase's fold-model concatenation)
         keep.update(embs)
     for key, emb in embs.items():
@@ -395,6 +401,10 @@ def build_trainer(cfg: TrialConfig, report: Report | None = None, t_start: float
 _KNOWN_METRICS = {"map_at_r", "r_precision", "precision_at_1", "nmi", "f1"}
 
 
+#: key prefix of the divergence checks (``TrainContext.diverged_if``) among a step's log columns
+_CHECK = "\0check"
+
+
 class StepLogs:
     """The step logs of a run of steps, kept where they are made, read back in bulk.
 
@@ -402,8 +412,9 @@ class StepLogs:
     ``every`` steps and at :meth:`means` they come back to the host in one copy (the only host
     synchronisation of the loop). Plain float terms are summed on the host. A non-finite loss
     found in a read-back raises :class:`Diverged` with the step it happened at and that step's
-    terms; the steps after it (on a broken model) only cost time, and nothing is saved before the
-    check, so no checkpoint holds them.
+    terms; so does a divergence flag a hook raised with ``TrainContext.diverged_if`` (read back in
+    the same copy, reported with its own values). The steps after it (on a broken model) only cost
+    time, and nothing is saved before the check, so no checkpoint holds them.
     """
 
     def __init__(self, every: int):
@@ -415,8 +426,10 @@ class StepLogs:
         self.sums: dict[str, float] = {}
         self.n = 0
 
-    def add(self, step: int, out: LossOutput, extra: dict[str, float | Tensor] | None = None) -> None:
-        """Record the logs of ``step`` (1-based); may read back (and raise :class:`Diverged`)."""
+    def add(self, step: int, out: LossOutput, extra: dict[str, float | Tensor] | None = None,
+            checks: list[StepCheck] | None = None) -> None:
+        """Record the logs (and divergence ``checks``) of ``step`` (1-based); may read back (and
+        raise :class:`Diverged`)."""
         tensors: dict[str, Tensor] = {"loss": out.total}
         floats: dict[str, float] = {}
         for k, v in {**out.terms, **(extra or {})}.items():
@@ -424,6 +437,9 @@ class StepLogs:
                 tensors[k] = v
             else:
                 floats[k] = float(v)
+        for i, (flag, values) in enumerate(checks or ()):
+            tensors[f"{_CHECK}{i}"] = flag
+            tensors.update({f"{_CHECK}{i}/{k}": v for k, v in values.items()})
         keys = tuple(tensors)
         if keys != self.keys:
             self.flush()
@@ -436,19 +452,28 @@ class StepLogs:
             self.flush()
 
     def flush(self) -> None:
-        """Read the pending rows back (one host sync), check the losses and add them to the sums."""
+        """Read the pending rows back (one host sync), check the losses and the divergence flags
+        and add the logs to the sums."""
         if not self.rows:
             return
         values = torch.stack(self.rows).cpu().numpy().astype(np.float64)
         steps, floats = self.row_steps, self.row_floats
         self.rows, self.row_steps, self.row_floats = [], [], []
-        bad = np.flatnonzero(~np.isfinite(values[:, 0]))
+        logged = [j for j, k in enumerate(self.keys) if not k.startswith(_CHECK)]
+        flags = [j for j, k in enumerate(self.keys) if k.startswith(_CHECK) and "/" not in k]
+        flagged = (values[:, flags] != 0).any(axis=1) if flags else np.zeros(len(values), dtype=bool)
+        bad = np.flatnonzero(~np.isfinite(values[:, 0]) | flagged)
         if len(bad):
             i = int(bad[0])
-            terms = {**dict(zip(self.keys[1:], values[i, 1:].tolist())), **floats[i]}
+            if flagged[i]:  # a hook's check (it ran after the loss, on the stepped model)
+                prefix = self.keys[next(j for j in flags if values[i, j] != 0)] + "/"
+                terms = {k[len(prefix):]: float(values[i, j]) for j, k in enumerate(self.keys) if k.startswith(prefix)}
+                raise Diverged(steps[i], float("nan"), terms)
+            terms = {**{self.keys[j]: float(values[i, j]) for j in logged[1:]}, **floats[i]}
             raise Diverged(steps[i], float(values[i, 0]), terms)
-        for k, v in zip(self.keys, values.sum(axis=0).tolist()):
-            self.sums[k] = self.sums.get(k, 0.0) + v
+        totals = values.sum(axis=0).tolist()
+        for j in logged:
+            self.sums[self.keys[j]] = self.sums.get(self.keys[j], 0.0) + totals[j]
         for row in floats:
             for k, f in row.items():
                 self.sums[k] = self.sums.get(k, 0.0) + f
@@ -554,7 +579,7 @@ class Trainer:
             out = []
             with eval_precision(self.method, self.cfg, self.device):
                 for batch in loader:
-                    out.append(self.method.pool_embed(batch.to(self.device).images).float())
+                    out.append(self.method.pool_embed(batch.to(self.device, self.memory_format).images).float())
             return torch.cat(out)
         finally:
             self.method.train(was)
@@ -680,8 +705,8 @@ class Trainer:
         logs = StepLogs(self.cfg.sync_every)
         try:
             for batch in batches:
-                out, stats = self._step(batch)
-                logs.add(self.step, out, stats)
+                out, stats, checks = self._step(batch)
+                logs.add(self.step, out, stats, checks)
                 self.progress.advance()
                 if self._budget_done():
                     break
@@ -692,25 +717,30 @@ class Trainer:
             logs.flush()  # a non-finite loss before the error is its cause
             raise
 
-    def _step(self, batch: Batch) -> tuple[LossOutput, dict[str, float | Tensor]]:
+    def _step(self, batch: Batch) -> tuple[LossOutput, dict[str, float | Tensor], list[StepCheck]]:
         cfg = self.cfg
         batch = batch.to(self.device, self.memory_format)
         with autocast_for(cfg, self.device):
             out = self.method.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.float().backward()
-        self.ctx.step = self.step
-        self.method.on_after_backward(self.ctx)
-        if cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.grad_clip_norm)
-        if cfg.grad_clip_value is not None:
-            torch.nn.utils.clip_grad_value_(self.clip_params, cfg.grad_clip_value)
-        self.optimizer.step()
-        self.step += 1
-        self.ctx.step = self.step
-        with torch.no_grad():
-            self.method.on_step_end(self.ctx)
-        return out, self.method.log_stats(batch)
+        checks: list[StepCheck] = []
+        self.ctx.deferred_checks = checks  # the hooks' diverged_if flags, read back with the step logs
+        try:
+            self.ctx.step = self.step
+            self.method.on_after_backward(self.ctx)
+            if cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.grad_clip_norm)
+            if cfg.grad_clip_value is not None:
+                torch.nn.utils.clip_grad_value_(self.clip_params, cfg.grad_clip_value)
+            self.optimizer.step()
+            self.step += 1
+            self.ctx.step = self.step
+            with torch.no_grad():
+                self.method.on_step_end(self.ctx)
+        finally:
+            self.ctx.deferred_checks = None
+        return out, self.method.log_stats(batch), checks
 
     def _validate(self) -> dict[str, float]:
         assert self.data.split.val is not None
@@ -718,7 +748,8 @@ class Trainer:
         key, _, metric = self.cfg.early_stop_metric.rpartition("/")
         keys = {"", key} if metric in ("nmi", "f1") else {""}
         return evaluate_indices(self.method, self.data, self.data.split.val, self.cfg, self.device, step=self.step,
-                                clustering=self.cfg.val_clustering, cluster_keys=keys)  # fmt: skip
+                                clustering=self.cfg.val_clustering, cluster_keys=keys,
+                                memory_format=self.memory_format)  # fmt: skip
 
     def _track_best(self, metrics: dict[str, float]) -> None:
         key = self.cfg.early_stop_metric
@@ -754,7 +785,7 @@ class Trainer:
             kept: dict[str, Tensor] = {}
             test_metrics = evaluate_indices(
                 self.method, data, data.split.test, cfg, self.device, query_gallery=data.source.query_gallery,
-                keep=kept,
+                keep=kept, memory_format=self.memory_format,
             )
             test_embedding = kept.get("")
         if cfg.phase == "final" and test_metrics is not None:

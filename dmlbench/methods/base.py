@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from dmlbench.errors import Diverged
 from dmlbench.registry import Registry
 
 if TYPE_CHECKING:
@@ -44,15 +45,26 @@ def _as_float_image(x: Tensor, memory_format: torch.memory_format = torch.preser
 
 @dataclass
 class Batch:
-    """One training batch. ``views[0]`` is the main view; methods with ``n_views = 2`` get two."""
+    """One training batch. ``views[0]`` is the main view; methods with ``n_views = 2`` get two.
+
+    ``host_labels``: the labels as they were on the host before :meth:`to` moved them (None
+    when unknown); :meth:`labels_on_host` gives them without a device read-back."""
 
     views: list[Tensor]
     labels: Tensor
     indices: Tensor
+    host_labels: Tensor | None = None
 
     @property
     def images(self) -> Tensor:
         return self.views[0]
+
+    def labels_on_host(self) -> Tensor:
+        """The labels on the CPU: the host copy kept by :meth:`to` (no device sync), else ``labels``
+        itself when it is on the CPU, else a read-back."""
+        if self.host_labels is not None:
+            return self.host_labels
+        return self.labels if self.labels.device.type == "cpu" else self.labels.cpu()
 
     def pin_memory(self) -> Batch:
         """A copy in page-locked memory. A ``DataLoader`` with ``pin_memory=True`` pins custom batch
@@ -61,11 +73,15 @@ class Batch:
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.preserve_format) -> Batch:
         """Move to ``device`` (asynchronously from pinned memory); uint8 images become float in
-        [0, 1] there, in ``memory_format`` (e.g. ``torch.channels_last``), in the same pass."""
+        [0, 1] there, in ``memory_format`` (e.g. ``torch.channels_last``), in the same pass. The
+        host labels are kept as ``host_labels`` (methods that sample on the CPU read them there)."""
+        host = self.host_labels if self.host_labels is not None else (
+            self.labels if self.labels.device.type == "cpu" else None)
         return Batch(
             [_as_float_image(v.to(device, non_blocking=True), memory_format) for v in self.views],
             self.labels.to(device, non_blocking=True),
             self.indices,
+            host,
         )
 
 
@@ -85,6 +101,11 @@ class LossOutput:
         for k, v in self.terms.items():
             out[k] = float(v.detach()) if isinstance(v, Tensor) else float(v)
         return out
+
+
+#: a divergence check of one step (:meth:`TrainContext.diverged_if`): a 0-d bool flag and the
+#: 0-d values to report with it
+StepCheck = tuple[Tensor, dict[str, Tensor]]
 
 
 @dataclass
@@ -108,6 +129,8 @@ class TrainContext:
             ``embed_train_pool`` (class index c ↔ label c of the training batches).
         log: a dict hooks may add scalar logs to (merged into the epoch's metrics).
         train_class_counts: number of training images per class, in label order (0..C-1).
+        deferred_checks: where :meth:`diverged_if` puts a step's device-side divergence flags
+            (the trainer sets a list and reads them back with the step logs); None: checked now.
     """
 
     cfg: TrialConfig
@@ -121,6 +144,25 @@ class TrainContext:
     val_metrics: dict[str, float] = field(default_factory=dict)
     log: dict[str, float] = field(default_factory=dict)
     train_class_counts: list[int] | None = None
+    deferred_checks: list[StepCheck] | None = None
+
+    def diverged_if(self, flag: Tensor, values: dict[str, Tensor]) -> None:
+        """Training diverged at step ``self.step`` where the 0-d bool ``flag`` is true (e.g. nivMF's
+        temperature left T > 0); ``values`` (0-d tensors) go into the report.
+
+        Under the trainer (``deferred_checks`` set) nothing is read back here: the flag and values
+        travel with the step logs (copied into the step's row as soon as the step ends, so a value
+        that aliases a parameter is taken as it is then) and are read back with them, every
+        ``sync_every`` steps and before anything is saved, where a set flag raises
+        :class:`~dmlbench.errors.Diverged` naming this step. Call it on every step (a run of steps
+        whose checks change is read back at each change). Without ``deferred_checks`` (a hook
+        called directly) the flag is read back and checked now.
+        """
+        if self.deferred_checks is not None:
+            self.deferred_checks.append((flag.detach().reshape(()), {k: v.detach() for k, v in values.items()}))
+            return
+        if bool(flag):
+            raise Diverged(self.step, float("nan"), {k: float(v) for k, v in values.items()})
 
 
 class Method(nn.Module):

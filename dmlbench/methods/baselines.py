@@ -3,18 +3,87 @@
 Each is a registered method with its ``Params``, its own parameter groups (proxy / β learning
 rates as multipliers of the base LR) and a search space ``search_spaces/<name>.yaml``. Losses are
 computed in float32 on the raw embedding (PML's distances L2-normalise internally).
+
+Host syncs per step (a read-back of a device value, which makes the CPU wait for the GPU): PML's
+code tests values on the host in places that need not. The subclasses below give the same
+numbers and gradients without them: :class:`DeviceDivisorReducer` (``DivisorReducer`` tests
+``isnan(output)`` on every call, only needed for float16, and margin's shared divisor twice;
+proxyanchor, margin) and
+:class:`DeviceMultiSimilarityLoss` (an ``assert`` that no pair is both positive and negative,
+true by construction). What is left is inherent: margin's ``if divisor != 0`` on its count of
+active triplets decides whether β enters the autograd graph at all (a None gradient, which the
+optimiser skips, vs a zero one, which Adam still steps), and PML's miners and losses whose
+outputs have data-dependent sizes (index lists from ``torch.where`` and boolean masks):
+ProxyAnchor's count of the batch's classes (``len(torch.where(...)[0])``: doing it on the device
+would mean rewriting PML's loss, not subclassing it), multisimilarity's and triplet's miners, margin's distance-weighted miner (per-class loops, a
+device ``multinomial``), triplet's threshold reducer and proxynca's ``exp[exp != 0]``; doing
+those on the device would change the computation or the miner's random stream.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import Field
-from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning import losses, miners, reducers
 from torch import Tensor, nn
 
 from dmlbench.config import TrialConfig
 from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams
+
+
+@dataclass(frozen=True)
+class KnownDivisor:
+    """A tensor divisor whose ``!= 0`` was read back once (:class:`DeviceMarginLoss`), for
+    :class:`DeviceDivisorReducer`: every sub-loss sharing it reuses that answer."""
+
+    value: Tensor
+    nonzero: bool
+
+
+class DeviceDivisorReducer(reducers.DivisorReducer):
+    """PML's ``DivisorReducer`` without its ``isnan(output)`` read-back, which only matters for
+    float16 losses (those still take PML's path, as they would). ``divisor != 0`` stays a host
+    test: for a Python number (proxyanchor) it costs nothing; for a tensor (margin's count of
+    active triplets) it is a read-back, kept because the branch decides which tensors are in the
+    autograd graph (see the module docstring), and made once per step (:class:`KnownDivisor`)."""
+
+    def sum_and_divide(self, losses: Tensor, embeddings: Tensor, divisor: Any) -> Tensor:
+        known = isinstance(divisor, KnownDivisor)
+        if losses.dtype == torch.float16:
+            return super().sum_and_divide(losses, embeddings, divisor.value if known else divisor)  # type: ignore[no-any-return]
+        if divisor.nonzero if known else divisor != 0:
+            return torch.sum(losses) / (divisor.value if known else divisor)
+        return self.zero_loss(embeddings)  # type: ignore[no-any-return]
+
+
+class DeviceMarginLoss(losses.MarginLoss):
+    """PML's ``MarginLoss`` whose reducer reads its count of active triplets back once per step
+    (PML's: twice, for the margin term and for β's term, which share it)."""
+
+    def get_default_reducer(self) -> reducers.BaseReducer:
+        return DeviceDivisorReducer()
+
+    def compute_loss(self, *args: Any) -> dict[str, Any]:
+        out: dict[str, Any] = super().compute_loss(*args)
+        divisor = out["margin_loss"].get("divisor")
+        if isinstance(divisor, Tensor):
+            known = KnownDivisor(divisor, bool(divisor != 0))  # the read-back (see DeviceDivisorReducer)
+            for term in out.values():
+                if term.get("divisor") is divisor:
+                    term["divisor"] = known
+        return out
+
+
+class DeviceMultiSimilarityLoss(losses.MultiSimilarityLoss):
+    """PML's ``MultiSimilarityLoss`` without the per-step ``assert not torch.any(pos & neg)`` (a
+    host read): pairs from the miner, or from the labels, are positive or negative by construction."""
+
+    @staticmethod
+    def _assert_either_pos_or_neg(pos_mask: Tensor, neg_mask: Tensor) -> None:
+        return None
 
 
 class _PMLMethod(Method):
@@ -71,7 +140,8 @@ class ProxyAnchor(_PMLMethod):
 
     def make_loss(self, dim: int) -> nn.Module:
         p = self.hparams
-        return losses.ProxyAnchorLoss(self.num_classes, dim, margin=p.margin, alpha=p.alpha)
+        return losses.ProxyAnchorLoss(self.num_classes, dim, margin=p.margin, alpha=p.alpha,
+                                      reducer=DeviceDivisorReducer())
 
 
 class ProxyNCAParams(MethodParams):
@@ -106,7 +176,7 @@ class MultiSimilarity(_PMLMethod):
 
     def make_loss(self, dim: int) -> nn.Module:
         p = self.hparams
-        return losses.MultiSimilarityLoss(alpha=p.alpha, beta=p.beta, base=p.base)
+        return DeviceMultiSimilarityLoss(alpha=p.alpha, beta=p.beta, base=p.base)
 
     def make_miner(self) -> nn.Module | None:
         return miners.MultiSimilarityMiner(epsilon=self.hparams.miner_epsilon)
@@ -129,9 +199,7 @@ class Margin(_PMLMethod):
 
     def make_loss(self, dim: int) -> nn.Module:
         p = self.hparams
-        return losses.MarginLoss(
-            margin=p.margin, beta=p.beta_init, learn_beta=True, num_classes=self.num_classes
-        )
+        return DeviceMarginLoss(margin=p.margin, beta=p.beta_init, learn_beta=True, num_classes=self.num_classes)
 
     def make_miner(self) -> nn.Module | None:
         p = self.hparams

@@ -629,7 +629,8 @@ def _eval_need(trainer: Trainer, cfg: TrialConfig, indices: Any, query_gallery: 
 
     data = trainer.data
     with _runtime(cfg):
-        probe = embed_indices(trainer.method, data.table, indices[:2], cfg, trainer.device, data.source.embedded)
+        probe = embed_indices(trainer.method, data.table, indices[:2], cfg, trainer.device, data.source.embedded,
+                              trainer.memory_format)
     dims = {k: int(v.shape[1]) for k, v in probe.items()}
     labels = data.table.labels[indices]
     if query_gallery and data.table.is_query is not None and data.table.is_gallery is not None:
@@ -664,7 +665,7 @@ def _evaluate(trainer: Trainer, cfg: TrialConfig, limits: Limits) -> dict[str, f
         t0 = time.perf_counter()
         with _runtime(cfg):
             metrics = evaluate_indices(trainer.method, trainer.data, indices, cfg, device, query_gallery=qg,
-                                       clustering=True)  # fmt: skip
+                                       clustering=True, memory_format=trainer.memory_format)  # fmt: skip
         out[name] = time.perf_counter() - t0
         if not metrics:
             raise ConfigError(f"the {name} evaluation of {cfg.dataset} returned no metric.")

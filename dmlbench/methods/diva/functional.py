@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dmlbench.methods.devicemath import divide_by_count
+
 SharedMode = Literal["random", "standard", "full"]
 DanceVariant = Literal["original", "fixed"]
 DanceWeightOn = Literal["logit", "exp"]
@@ -51,7 +53,7 @@ def log_distance_weight(d: Tensor, dim: int) -> Tensor:
 # ---- margin loss ---------------------------------------------------------------------------
 def margin_loss(
     x: Tensor, y: Tensor, triplets: Tensor, beta: Tensor, margin: float = 0.2
-) -> tuple[Tensor, dict[str, int]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Margin loss (Wu et al. 2017) with a learnable boundary β per anchor class.
 
     For each triplet ``(a, p, n)``: ``d = sqrt(||x_a − x_b||² + 1e-8)``, ``β_t = beta[y[a]]``,
@@ -66,39 +68,42 @@ def margin_loss(
         margin: ``m``.
 
     Returns:
-        ``(loss, {"n_active": N})``.
+        ``(loss, {"n_active": N})``, ``N`` a 0-d tensor on the device (read it back only to log it).
 
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.5]])
         >>> loss, info = margin_loss(x, torch.tensor([0, 0, 1]), torch.tensor([[0, 1, 2]]),
         ...                          torch.tensor([1.2, 1.2]), 0.2)
         >>> # h+ = relu(1 - 1.2 + .2) = 0 (up to 1e-8); h- = relu(1.2 - .5 + .2) = 0.9
-        >>> round(float(loss), 4), info["n_active"]
+        >>> round(float(loss), 4), int(info["n_active"])
         (0.9, 1)
     """
     if triplets.numel() == 0:
-        return x.sum() * 0.0 + beta.sum() * 0.0, {"n_active": 0}
+        return x.sum() * 0.0 + beta.sum() * 0.0, {"n_active": torch.zeros((), dtype=torch.long, device=x.device)}
     a, p, n = triplets[:, 0], triplets[:, 1], triplets[:, 2]
     d_ap = torch.sqrt((x[a] - x[p]).pow(2).sum(-1) + 1e-8)
     d_an = torch.sqrt((x[a] - x[n]).pow(2).sum(-1) + 1e-8)
     b = beta[y[a]]
     pos = F.relu(d_ap - b + margin)
     neg = F.relu(b - d_an + margin)
-    n_active = int(((pos > 0) | (neg > 0)).sum())
+    n_active = ((pos > 0) | (neg > 0)).sum()  # stays on the device: no host sync per step
     total = (pos + neg).sum()
-    return total / max(n_active, 1), {"n_active": n_active}
+    return divide_by_count(total, n_active.clamp(min=1)), {"n_active": n_active.detach()}
 
 
 # ---- distance-weighted mining --------------------------------------------------------------
 @torch.no_grad()
-def distance_weighted_probs(x: Tensor, y: Tensor, lower: float = 0.5, upper: float | None = None) -> Tensor:
+def distance_weighted_probs(x: Tensor, y: Tensor, lower: float = 0.5, upper: float | None = None,
+                            check: bool = True) -> Tensor:
     """Negative-sampling probabilities ``q[B, B]`` of the distance-weighted miner (detached).
 
     ``d_ij = max(lower, ||x_i − x_j||)``, ``q_ij ∝ exp(ℓ(d_ij) − max_j ℓ)`` over the valid
     negatives ``y_j ≠ y_i`` (and ``d_ij ≤ upper`` when ``upper`` is given), zero elsewhere. The
     max is taken over valid entries only: after row normalisation this equals the reference's
     max over the whole row, without its underflow. Rows with no valid negative are all zero;
-    every other row sums to 1.
+    every other row sums to 1. Non-finite probabilities raise FloatingPointError (``check=False``
+    leaves that test to the caller: the samplers make it on their host copy, which costs no
+    extra device sync).
 
     Example:
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -120,14 +125,36 @@ def distance_weighted_probs(x: Tensor, y: Tensor, lower: float = 0.5, upper: flo
     q = torch.exp(logw - row_max)
     z = q.sum(dim=1, keepdim=True)
     q = torch.where(z > 0, q / z.clamp(min=torch.finfo(dt).tiny), torch.zeros_like(q))
+    if check:
+        _check_finite(q)
+    return q
+
+
+def _check_finite(q: Tensor) -> None:
     if not bool(torch.isfinite(q).all()):
         raise FloatingPointError("distance-weighted sampling probabilities are not finite")
+
+
+def _labels_on_host(y: Tensor) -> Tensor:
+    """``y`` on the CPU: itself when it is there (the trainer's host copy of the batch labels), else
+    a read-back (a device sync)."""
+    return y.detach() if y.device.type == "cpu" else y.detach().cpu()
+
+
+def _probs_on_host(x: Tensor, y_host: Tensor, lower: float, upper: float | None = None) -> Tensor:
+    """:func:`distance_weighted_probs` computed on ``x``'s device and copied to the host, checked
+    there. The copy is the samplers' one host sync per call, and it is inherent: the triplets are
+    drawn from these probabilities with the CPU generator (a device generator would change every
+    seeded draw), and which rows are anchors depends on them."""
+    q = distance_weighted_probs(x, y_host.to(x.device, non_blocking=True), lower, upper, check=False).cpu()
+    _check_finite(q)
     return q
 
 
 def _uniform_choice(mask: Tensor, generator: torch.Generator) -> Tensor:
     """One column per row of ``mask[R, B]`` (every row has a True), uniformly, on CPU."""
-    return torch.multinomial(mask.to(torch.float64).cpu(), 1, generator=generator).squeeze(1)
+    w = mask.to(torch.float64)
+    return torch.multinomial(w if w.device.type == "cpu" else w.cpu(), 1, generator=generator).squeeze(1)
 
 
 def sample_distance_triplets(
@@ -136,7 +163,8 @@ def sample_distance_triplets(
     """Distance-weighted triplets: one per anchor whose label occurs ≥ 2 times (and has a negative).
 
     Positive uniform among the anchor's other same-label rows; negative ``~ q_a``
-    (:func:`distance_weighted_probs`). Sampling uses ``generator`` (a CPU generator).
+    (:func:`distance_weighted_probs`). Sampling uses ``generator`` (a CPU generator). ``y`` may
+    be on the host (no read-back then); the triplets are on ``x``'s device.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -145,8 +173,8 @@ def sample_distance_triplets(
         >>> t[:, 0].tolist(), t[:, 1].tolist()   # anchors 0 and 1 (label 0 twice), positives swap
         ([0, 1], [1, 0])
     """
-    y_cpu = y.detach().cpu()
-    q = distance_weighted_probs(x, y_cpu.to(x.device), lower, upper).cpu()
+    y_cpu = _labels_on_host(y)
+    q = _probs_on_host(x, y_cpu, lower, upper)
     same = y_cpu[:, None] == y_cpu[None, :]
     pos_mask = same & ~torch.eye(len(y_cpu), dtype=torch.bool)
     anchors = torch.nonzero(pos_mask.any(1) & (q.sum(1) > 0)).squeeze(1)
@@ -154,7 +182,7 @@ def sample_distance_triplets(
         return torch.zeros((0, 3), dtype=torch.long, device=x.device)
     pos = _uniform_choice(pos_mask[anchors], generator)
     neg = torch.multinomial(q[anchors].to(torch.float64), 1, generator=generator).squeeze(1)
-    return torch.stack([anchors, pos, neg], dim=1).to(x.device)
+    return torch.stack([anchors, pos, neg], dim=1).to(x.device, non_blocking=True)
 
 
 def sample_shared_triplets(
@@ -174,7 +202,8 @@ def sample_shared_triplets(
     * ``full``: like ``standard`` but the positive is distance-weighted too (``q_a`` restricted
       to classes other than the anchor's and the negative's).
 
-    Anchors without a valid negative or positive are skipped.
+    Anchors without a valid negative or positive are skipped. ``y`` may be on the host (no
+    read-back then); the triplets are on ``x``'s device.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -186,11 +215,11 @@ def sample_shared_triplets(
     """
     if mode == "random":
         perm = torch.randperm(len(y), generator=generator)
-        return sample_distance_triplets(x, y.detach().cpu()[perm], generator, lower)
+        return sample_distance_triplets(x, _labels_on_host(y)[perm], generator, lower)
     if mode not in ("standard", "full"):
         raise ValueError(f"unknown shared mode {mode!r}; valid modes: random, standard, full")
-    y_cpu = y.detach().cpu()
-    q = distance_weighted_probs(x, y_cpu.to(x.device), lower).cpu()
+    y_cpu = _labels_on_host(y)
+    q = _probs_on_host(x, y_cpu, lower)
     anchors = torch.nonzero(q.sum(1) > 0).squeeze(1)
     if anchors.numel() == 0:
         return torch.zeros((0, 3), dtype=torch.long, device=x.device)
@@ -207,13 +236,14 @@ def sample_shared_triplets(
         # a row whose valid positives all have zero weight (past a cutoff) falls back to uniform
         qp = torch.where(qp.sum(1, keepdim=True) > 0, qp, ok.to(torch.float64))
         pos = torch.multinomial(qp, 1, generator=generator).squeeze(1)
-    return torch.stack([anchors, pos, neg], dim=1).to(x.device)
+    return torch.stack([anchors, pos, neg], dim=1).to(x.device, non_blocking=True)
 
 
-def sample_intra_triplets(y: Tensor, generator: torch.Generator) -> Tensor:
+def sample_intra_triplets(y: Tensor, generator: torch.Generator, device: torch.device | None = None) -> Tensor:
     """Intra-class triplets (reference ``intra_random``): ``B`` draws, each of a class uniform
     over the classes present, then anchor, positive and negative uniformly WITH replacement
-    from that class's rows (degenerate triplets a = p or a = n are intended).
+    from that class's rows (degenerate triplets a = p or a = n are intended). Drawn on the CPU
+    from ``y`` (give host labels: no read-back), returned on ``device`` (default: ``y``'s).
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -222,13 +252,13 @@ def sample_intra_triplets(y: Tensor, generator: torch.Generator) -> Tensor:
         >>> t.shape, bool((y[t[:, 0]] == y[t[:, 1]]).all() and (y[t[:, 0]] == y[t[:, 2]]).all())
         (torch.Size([4, 3]), True)
     """
-    y_cpu = y.detach().cpu()
+    y_cpu = _labels_on_host(y)
     classes = torch.unique(y_cpu)
     draws = classes[torch.randint(len(classes), (len(y_cpu),), generator=generator)]
     members = y_cpu[None, :] == draws[:, None]  # [B, B]
     w = members.to(torch.float64)
     cols = [torch.multinomial(w, 1, generator=generator).squeeze(1) for _ in range(3)]
-    return torch.stack(cols, dim=1).to(y.device)
+    return torch.stack(cols, dim=1).to(y.device if device is None else device, non_blocking=True)
 
 
 # ---- DaNCE -----------------------------------------------------------------------------------
@@ -276,7 +306,7 @@ def dance_loss(
     lower: float = 0.5,
     upper: float = 1.4,
     weight_on: DanceWeightOn = "logit",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """DaNCE: InfoNCE of queries against their keys and a queue, negatives distance-weighted.
 
     ``weight_on="logit"`` (reference): ``L = mean_i CE([s+_i, w_i1 s_i1, …, w_iK s_iK] / τ, 0)``;
@@ -290,7 +320,8 @@ def dance_loss(
         tau: temperature.
 
     Returns:
-        ``(loss, {"s_pos_mean", "n_cut"})``; ``n_cut`` counts query–queue pairs past ``upper``.
+        ``(loss, {"s_pos_mean", "n_cut"})`` as 0-d tensors on the device (logs, read back with the
+        step logs); ``n_cut`` counts query–queue pairs past ``upper``.
 
     Example:
         >>> qq = torch.tensor([[1.0, 0.0]]); kk = torch.tensor([[1.0, 0.0]])
@@ -313,7 +344,7 @@ def dance_loss(
     loss = F.cross_entropy(logits, target)
     with torch.no_grad():
         d = torch.sqrt(torch.clamp(2.0 - 2.0 * s_neg, min=0.0))
-        info = {"s_pos_mean": float(s_pos.mean()), "n_cut": float((d.clamp(min=lower) > upper).sum())}
+        info = {"s_pos_mean": s_pos.mean(), "n_cut": (d.clamp(min=lower) > upper).sum().to(s_pos.dtype)}
     return loss, info
 
 
@@ -368,30 +399,30 @@ def adversarial_loss(
     mlps: Mapping[str, nn.Module],
     directions: Sequence[tuple[str, str]],
     rho: Sequence[float],
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``L_adv = − Σ_k ρ_k · c_k`` with ``c_k = decorrelation(normalize(GRL(φ_src)), normalize(GRL(φ_tgt)), g_k)``.
 
     The MLPs ``g_k`` (keyed ``"src->tgt"``) descend ``L_adv`` (maximise correlation); through the
     gradient reversal the heads descend ``+Σ ρ c`` (minimise it).
 
     Returns:
-        ``(L_adv, {"c/src->tgt": c_k})``.
+        ``(L_adv, {"c/src->tgt": c_k})``, the ``c_k`` detached 0-d tensors on the device (logs).
 
     Example:
         >>> h = {"a": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([[1.0, 0.0]])}
         >>> loss, logs = adversarial_loss(h, {"a->b": torch.nn.Identity()}, [("a", "b")], [2.0])
-        >>> float(loss), logs["c/a->b"]
+        >>> float(loss), float(logs["c/a->b"])
         (-1.0, 0.5)
     """
     if len(rho) != len(directions):
         raise ValueError(f"rho has {len(rho)} values but there are {len(directions)} directions")
     total: Tensor | None = None
-    logs: dict[str, float] = {}
+    logs: dict[str, Tensor] = {}
     for (src, tgt), r in zip(directions, rho, strict=True):
         z_src = F.normalize(grad_reverse(heads[src]), dim=-1)
         z_tgt = F.normalize(grad_reverse(heads[tgt]), dim=-1)
         c = decorrelation(z_src, z_tgt, mlps[f"{src}->{tgt}"])
-        logs[f"c/{src}->{tgt}"] = float(c.detach())
+        logs[f"c/{src}->{tgt}"] = c.detach()
         term = -r * c
         total = term if total is None else total + term
     if total is None:

@@ -383,15 +383,23 @@ class DiVA(Method):
         if len(batch.views) < 2 and self.use_dance:
             raise ValueError("diva needs two views per image (n_views = 2)")
         y = batch.labels
+        # Triplets are drawn on the CPU with the CPU generator self._gen (seeded, checkpointed), from
+        # the host labels (no read-back) and, for the discriminative and the shared task, the
+        # distance-weighted probabilities, computed on the device and copied back: one host sync
+        # each per step. Those two copies are inherent (the draws, and which rows are anchors,
+        # depend on the values; drawing on the device would change the seeded stream); the
+        # losses, counts and logs below stay on the device.
+        y_host = batch.labels_on_host()
         heads = self.head_embeddings(batch.views[0])
         device_type = y.device.type
         terms: dict[str, float | Tensor] = {}
         with torch.autocast(device_type=device_type, enabled=False):
             heads = {h: v.float() for h, v in heads.items()}
-            disc_t = Fd.sample_distance_triplets(heads["discriminative"].detach(), y, self._gen, hp.miner_lower_cutoff)
+            disc_t = Fd.sample_distance_triplets(heads["discriminative"].detach(), y_host, self._gen,
+                                                 hp.miner_lower_cutoff)
             total, info = Fd.margin_loss(heads["discriminative"], y, disc_t, self.betas["discriminative"], hp.margin)
             terms["disc"] = total.detach()
-            terms["disc_active"] = float(info["n_active"])
+            terms["disc_active"] = info["n_active"]
             if self.use_dance:
                 k = self.key_embed(batch.views[1])
                 l_dance, dinfo = Fd.dance_loss(
@@ -403,12 +411,13 @@ class DiVA(Method):
                 terms["dance"] = l_dance.detach()
                 terms["dance_s_pos"] = dinfo["s_pos_mean"]
             if "shared" in heads:
-                t = Fd.sample_shared_triplets(heads["shared"].detach(), y, self._gen, hp.shared_mode, hp.miner_lower_cutoff)
+                t = Fd.sample_shared_triplets(heads["shared"].detach(), y_host, self._gen, hp.shared_mode,
+                                              hp.miner_lower_cutoff)
                 l_sh, _ = Fd.margin_loss(heads["shared"], y, t, self.betas["shared"], hp.margin)
                 total = total + hp.task_alpha("shared") * l_sh
                 terms["shared"] = l_sh.detach()
             if "intra" in heads:
-                t = Fd.sample_intra_triplets(y, self._gen)
+                t = Fd.sample_intra_triplets(y_host, self._gen, y.device)
                 l_in, _ = Fd.margin_loss(heads["intra"], y, t, self.betas["intra"], hp.margin)
                 total = total + hp.task_alpha("intra") * l_in
                 terms["intra"] = l_in.detach()

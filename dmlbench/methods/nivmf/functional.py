@@ -169,7 +169,8 @@ def class_mean_directions(embeds: Tensor, labels: Tensor, num_classes: int) -> T
 
 
 def subsample_classes(labels: Tensor, num_classes: int, fraction: float,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None = None,
+                      host_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Keep every class of the batch plus a random ``fraction`` of the other classes.
 
     The negative-proxy subsampling of the reference (``--loss_proxyvmf_subsample_p``) for datasets
@@ -181,6 +182,7 @@ def subsample_classes(labels: Tensor, num_classes: int, fraction: float,
         num_classes: C.
         fraction: in (0, 1]; 1 keeps every class.
         generator: random source on the CPU.
+        host_labels: ``labels`` on the CPU when the caller has them (no device read-back then).
 
     Returns:
         (kept class ids [K] sorted, labels remapped to positions in the kept list [B]).
@@ -195,15 +197,17 @@ def subsample_classes(labels: Tensor, num_classes: int, fraction: float,
     device = labels.device
     if fraction >= 1.0:
         return torch.arange(num_classes, device=device), labels
+    # on the CPU (the generator is a CPU one); with host_labels nothing waits for the device
+    lab = host_labels if host_labels is not None else labels.cpu()
     present = torch.zeros(num_classes, dtype=torch.bool)
-    present[labels.cpu()] = True
+    present[lab] = True
     negatives = (~present).nonzero().flatten()
     n_keep = min(len(negatives), max(1, round(fraction * len(negatives)))) if len(negatives) else 0
     perm = torch.randperm(len(negatives), generator=generator)[:n_keep]
     keep = torch.sort(torch.cat([present.nonzero().flatten(), negatives[perm]])).values
     position = torch.full((num_classes,), -1, dtype=torch.long)
     position[keep] = torch.arange(len(keep))
-    return keep.to(device), position[labels.cpu()].to(device)
+    return keep.to(device, non_blocking=True), position[lab].to(device, non_blocking=True)
 
 
 @dataclass
@@ -240,6 +244,7 @@ def el_nivmf_loss(
     sampler_blend: bool = False,
     subsample: float = 1.0,
     subsample_generator: torch.Generator | None = None,
+    host_labels: Tensor | None = None,
 ) -> tuple[Tensor, ELNivmfParts]:
     """The (PANC +) EL-nivMF objective: L = L_EL + guidance_w · L_PA (spec §1.4).
 
@@ -266,6 +271,7 @@ def el_nivmf_loss(
         sampler_blend: the reference code's (biased) blended Wood b.
         subsample: fraction of non-batch classes kept in the EL softmax (1 = all).
         subsample_generator: CPU random source for the subsampling.
+        host_labels: ``labels`` on the CPU, if the caller has them (the subsampling runs there).
 
     Returns:
         (total loss, parts).
@@ -277,7 +283,7 @@ def el_nivmf_loss(
     else:
         z = vmf_rsample(mu, kappa_img, n_samples, generator, sampler_blend)
     if subsample < 1.0:
-        keep, el_labels = subsample_classes(labels, proxy_v.shape[0], subsample, subsample_generator)
+        keep, el_labels = subsample_classes(labels, proxy_v.shape[0], subsample, subsample_generator, host_labels)
         pv, kr = proxy_v[keep], kappa_raw[keep]
     else:
         el_labels, pv, kr = labels, proxy_v, kappa_raw

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from dmlbench.errors import ConfigError, Diverged
+from dmlbench.errors import ConfigError
 from dmlbench.methods.base import METHODS, Batch, LossOutput, Method, MethodParams, Recipe, TrainContext
 from dmlbench.methods.nivmf.functional import class_mean_directions, el_nivmf_loss
 from dmlbench.methods.nivmf.vmf import CODE_POLY_DIMS, check_log_cp_dim, log_cp
@@ -277,7 +277,7 @@ class Nivmf(Method):
                 n_samples=hp.n_samples, guidance_w=hp.guidance_w, generator=self.generator(emb.device),
                 stretch=hp.stretch_samples, kappa_min=hp.kappa_min, alpha=hp.pa_alpha, delta=hp.pa_delta,
                 sampler_blend=hp.sampler == "code", subsample=hp.subsample_p,
-                subsample_generator=self._sub_generator,
+                subsample_generator=self._sub_generator, host_labels=batch.host_labels,
             )
         terms: dict[str, float | Tensor] = dict(parts.as_dict())
         terms["temp"] = temp.detach()
@@ -331,10 +331,11 @@ class Nivmf(Method):
         self.proxies_initialised.fill_(True)
 
     def on_step_end(self, ctx: TrainContext) -> None:
-        """A raw temperature that reached T ≤ 0 (nothing bounds it, spec P3) is a divergence."""
-        t = float(self.temperature().detach())
-        if not t > 0 or not math.isfinite(t):
-            raise Diverged(ctx.step, float("nan"), {"temp": t})
+        """A raw temperature that reached T ≤ 0 or a non-finite T (nothing bounds it, spec P3) is a
+        divergence at this step. The test runs on the device and is read back with the step logs
+        (``ctx.diverged_if``), not here: a per-step ``float(T)`` would wait for the device."""
+        t = self.temperature().detach()
+        ctx.diverged_if(~((t > 0) & torch.isfinite(t)), {"temp": t})
 
     def on_epoch_end(self, ctx: TrainContext) -> dict[str, float]:
         k = torch.clamp(self.kappa_raw.detach(), min=self.params.kappa_min)

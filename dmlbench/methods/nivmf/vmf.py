@@ -155,22 +155,32 @@ def vmf_draw_noise(kappa: Tensor, dim: int, n_samples: int, generator: torch.Gen
     b = wood_b(k, dim, blend)
     a, d = _wood_a_d(k, b, dim)
     m1 = float(dim - 1)
-    e = torch.empty_like(k)
+    e = torch.zeros_like(k)
     todo = torch.ones_like(k, dtype=torch.bool)
-    for _ in range(MAX_REJECTION_ROUNDS):
-        n_todo = int(todo.sum())
+    rows, cols = k.shape
+    # round 1 draws for every (row, sample), in nonzero's order, known without asking the device
+    idx: tuple[Tensor, ...] = (torch.arange(rows, device=device).repeat_interleave(cols),
+                               torch.arange(cols, device=device).repeat(rows))
+    n_todo = rows * cols
+    for round_ in range(MAX_REJECTION_ROUNDS):
+        if round_:
+            # The one host read-back of a later round (a device sync on CUDA): which candidates
+            # were rejected, so how many to draw again (the last round finds none). It is
+            # inherent: the number of draws shapes the random stream, so drawing a fixed number
+            # would change every seeded sample. The rest of the round works on these indices
+            # (gathers, writes; no boolean-mask indexing, which reads sizes back again).
+            idx = todo.nonzero(as_tuple=True)
+            n_todo = idx[0].numel()
         if n_todo == 0:
             break
         cand = _beta_symmetric(dim - 1, (n_todo,), generator, device)
         u = torch.rand((n_todo,), generator=generator, device=device, dtype=torch.float64)
         u = torch.clamp(u, 1e-20, 1.0 - 1e-20)
-        bt, at, dt = b[todo], a[todo], d[todo]
+        bt, at, dt = b[idx], a[idx], d[idx]
         t = 2.0 * at * bt / (1.0 - (1.0 - bt) * cand)
         accept = (m1 * torch.log(t) - t + dt) > torch.log(u)
-        idx = todo.nonzero(as_tuple=True)
-        acc_rows = (idx[0][accept], idx[1][accept])
-        e[acc_rows] = cand[accept]
-        todo[acc_rows] = False
+        e[idx] = torch.where(accept, cand, e[idx])
+        todo[idx] = ~accept
     else:
         raise RuntimeError(f"vMF rejection sampling did not finish in {MAX_REJECTION_ROUNDS} rounds")
     n = torch.randn((*k.shape, dim), generator=generator, device=device, dtype=torch.float64)
