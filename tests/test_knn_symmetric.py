@@ -203,3 +203,58 @@ def test_evaluation_on_the_symmetric_path_equals_pml() -> None:
         assert ours[key] == theirs[key], key
     plain = knn(x, None, 50, distance="euclidean", symmetric=False)
     assert torch.equal(knn(x, None, 50, distance="euclidean").indices, plain.indices)
+
+
+def test_run_blockwise_keeps_blocks_apart_and_stages_in_order() -> None:
+    # tasks that sleep (releasing the GIL) so that two threads overlap; each checks, on entry,
+    # that no running task names one of its blocks and that its blocks' earlier stages are done
+    import threading
+    import time
+
+    lock = threading.Lock()
+    running: set[int] = set()
+    done: list[tuple[int, tuple[int, ...]]] = []
+    broken: list[str] = []
+
+    def task(stage: int, blocks: tuple[int, ...]):  # type: ignore[no-untyped-def]
+        def work(buffer: torch.Tensor) -> None:
+            with lock:
+                if not running.isdisjoint(blocks):
+                    broken.append(f"{blocks} ran beside {running}")
+                todo = [t for t in tasks if t[0] < stage and set(t[1]) & set(blocks) and (t[0], t[1]) not in done]
+                if todo:
+                    broken.append(f"{stage, blocks} before {todo[0][:2]}")
+                running.update(blocks)
+            time.sleep(0.002)
+            with lock:
+                running.difference_update(blocks)
+                done.append((stage, blocks))
+        return work
+
+    spans = range(5)
+    tasks = [(0, (a,), task(0, (a,))) for a in spans]
+    tasks += [(1, (a, b), task(1, (a, b))) for a in spans for b in spans if b >= a]
+    tasks += [(2, (a,), task(2, (a,))) for a in spans]
+    threads = torch.get_num_threads()
+    knn_mod._run_blockwise(tasks, [torch.empty(1) for _ in range(3)])
+    assert broken == []
+    assert sorted(done) == sorted(t[:2] for t in tasks)
+    assert torch.get_num_threads() == threads
+
+
+def test_run_blockwise_raises_a_task_error_after_the_threads_stop() -> None:
+    # (how many other tasks ran before the threads saw the error depends on timing: not checked)
+    ran: list[int] = []
+
+    def work(i: int):  # type: ignore[no-untyped-def]
+        def run(buffer: torch.Tensor) -> None:
+            ran.append(i)
+            if i == 3:
+                raise ArithmeticError("task 3")
+        return run
+
+    threads = torch.get_num_threads()
+    with pytest.raises(ArithmeticError, match="task 3"):
+        knn_mod._run_blockwise([(0, (i,), work(i)) for i in range(50)], [torch.empty(1), torch.empty(1)])
+    assert 3 in ran
+    assert torch.get_num_threads() == threads

@@ -17,12 +17,17 @@ same way wherever a score is used, so a score is compared and kept bit for bit a
 Scanning a tile is branch-free: every column's index is written and the write position advances
 only for a survivor, which compiles to straight-line code; only the survivors (a few percent once
 the bars have risen) then take the scalar path.
+
+The kernels are serial. The caller runs them on several threads at once, each on whole tiles, and
+never two at once on one block of rows (``nogil``: the threads run them in parallel); numba's own
+parallel regions, one per tile and kernel, made every thread wait at each region's end for the
+slowest one, which on a core that another process also used stalled them all.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 @njit(inline="always")
@@ -78,7 +83,7 @@ def select_best(bv, bi, cnt, k):  # type: ignore[no-untyped-def]
     return wv, wi
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def sample_bars(tile, row0, ids, bias, alpha, q, tv, ti):  # type: ignore[no-untyped-def]
     """Set the bar of rows ``row0:…`` to their ``q``-th best candidate among a sample.
 
@@ -87,7 +92,7 @@ def sample_bars(tile, row0, ids, bias, alpha, q, tv, ti):  # type: ignore[no-unt
     best are kept in a small sorted buffer (insertion), which is cheap for small ``q``.
     """
     br, m = tile.shape
-    for r in prange(br):
+    for r in range(br):
         g = row0 + r
         hv = np.empty(q, np.float32)
         hi = np.empty(q, np.int32)
@@ -115,7 +120,7 @@ def sample_bars(tile, row0, ids, bias, alpha, q, tv, ti):  # type: ignore[no-unt
             ti[g] = hi[q - 1]
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def push_rows(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[no-untyped-def]
     """Offer tile ``T = X[row0:…] X[col0:…]ᵀ`` to its rows: row ``row0 + r`` gets candidates ``col0 + c``.
 
@@ -124,7 +129,7 @@ def push_rows(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: i
     br, bc = tile.shape
     cap = bv.shape[1]
     b = bias[col0:col0 + bc]
-    for r in prange(br):
+    for r in range(br):
         g = row0 + r
         v0 = tv[g]
         i0 = ti[g]
@@ -151,62 +156,57 @@ def push_rows(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: i
         ti[g] = i0
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def push_cols(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k, parts):  # type: ignore[no-untyped-def]
+@njit(nogil=True, cache=True)
+def push_cols(tile, row0, col0, bias, alpha, bv, bi, cnt, tv, ti, k):  # type: ignore[no-untyped-def]
     """Offer the same tile to its columns: row ``col0 + c`` gets candidates ``row0 + r``.
 
-    The tile is read row by row (no transpose); each of ``parts`` threads owns a range of
-    columns, so no two threads touch one reservoir.
+    The tile is read row by row (no transpose), each of its rows scanned against the bars of all
+    the columns.
     """
     br, bc = tile.shape
     cap = bv.shape[1]
-    step = (bc + parts - 1) // parts
-    for p in prange(parts):
-        a = p * step
-        z = min(bc, a + step)
-        if a >= z:
-            continue
-        bars = tv[col0 + a:col0 + z]
-        idx = np.empty(z - a + 1, np.int32)
-        for r in range(br):
-            j = row0 + r
-            bj = bias[j]
-            row = tile[r, a:z]
-            h = 0
-            for c in range(z - a):
-                idx[h] = c
-                h += alpha * row[c] - bj >= bars[c]
-            for q in range(h):
-                c = idx[q]
-                g = col0 + a + c
-                s = alpha * row[c] - bj
-                if _better(s, j, tv[g], ti[g]):
-                    n = cnt[g]
-                    bv[g, n] = s
-                    bi[g, n] = j
-                    n += 1
-                    if n == cap:
-                        wv, wi = select_best(bv[g], bi[g], n, k)
-                        tv[g] = wv
-                        ti[g] = wi
-                        n = k
-                    cnt[g] = n
+    bars = tv[col0:col0 + bc]
+    idx = np.empty(bc + 1, np.int32)
+    for r in range(br):
+        j = row0 + r
+        bj = bias[j]
+        row = tile[r]
+        h = 0
+        for c in range(bc):
+            idx[h] = c
+            h += alpha * row[c] - bj >= bars[c]
+        for q in range(h):
+            c = idx[q]
+            g = col0 + c
+            s = alpha * row[c] - bj
+            if _better(s, j, tv[g], ti[g]):
+                n = cnt[g]
+                bv[g, n] = s
+                bi[g, n] = j
+                n += 1
+                if n == cap:
+                    wv, wi = select_best(bv[g], bi[g], n, k)
+                    tv[g] = wv
+                    ti[g] = wi
+                    n = k
+                cnt[g] = n
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def finish_rows(bv, bi, cnt, k, lo, hi):  # type: ignore[no-untyped-def]
     """Reduce the reservoirs of rows ``lo:hi`` to their best ``k`` (in the first ``k`` slots)."""
-    for g in prange(lo, hi):
+    for g in range(lo, hi):
         if cnt[g] > k:
             select_best(bv[g], bi[g], cnt[g], k)
             cnt[g] = k
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def sorted_rows(bv, bi, cnt, k, lo, hi, out_v, out_i):  # type: ignore[no-untyped-def]
     """Write the first ``k`` slots of rows ``lo:hi`` in order (score desc, id asc) to ``out_*``.
 
-    Rows with fewer than ``k`` candidates (``cnt``) are left alone.
+    Rows with fewer than ``k`` candidates (``cnt``) are left alone. ``out_*`` may be the rows'
+    own reservoirs (``bv[lo:hi]``, ``bi[lo:hi]``): a row's keys are formed before it is written.
 
     One integer sort per row. A float's bits, with the sign bit flipped for positives and all
     bits flipped for negatives, order like the float; inverted, higher scores come first. That
@@ -214,7 +214,7 @@ def sorted_rows(bv, bi, cnt, k, lo, hi, out_v, out_i):  # type: ignore[no-untype
     """
     low = np.uint64(0xFFFFFFFF)
     sign = np.uint32(0x80000000)
-    for g in prange(lo, hi):
+    for g in range(lo, hi):
         if cnt[g] < k:
             continue
         keys = np.empty(k, np.uint64)

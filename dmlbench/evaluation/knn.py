@@ -41,8 +41,10 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import threading
 import warnings
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -360,6 +362,83 @@ def sample_rank(k: int, candidates: int, sample: int) -> int:
     return math.ceil(mu + 3 * math.sqrt(mu * (1 - p))) + 1
 
 
+_Task = tuple[int, tuple[int, ...], Callable[[Tensor], None]]  # (stage, row blocks, work(buffer))
+
+
+def _run_blockwise(tasks: list[_Task], buffers: list[Tensor]) -> None:
+    """Run every task ``(stage, blocks, work)`` as ``work(buffer)``, on one thread per buffer.
+
+    The symmetric path's work comes in tasks of a few milliseconds (one tile: its matmul and its
+    selection). Spread over threads inside each task (an MKL product and numba parallel regions
+    per tile), every thread waited at the end of each of a few hundred short regions for the
+    slowest one; with two threads on a 2-core box and another process on one core that made the
+    search slower than with one thread. Here each thread takes whole tasks from one shared list,
+    with torch's matmul single-threaded in it: a thread slowed down by another process only gets
+    through fewer tasks, and the others wait for it once, at the end.
+
+    Rules: no two tasks that name one row block (``blocks``) run at once, since the kernels write
+    a block's reservoirs without locks; a task starts only after every task of an earlier
+    ``stage`` that names one of its blocks (bars before tiles, tiles before the final
+    selection). Among the tasks that may start, a thread takes the first in list order. The first
+    error of any task is raised once every thread has stopped.
+    """
+    if len(buffers) == 1:  # in list order, which lists the stages in order
+        for _, _, work in tasks:
+            work(buffers[0])
+        return
+    pending = list(tasks)
+    left = Counter((block, stage) for stage, blocks, _ in tasks for block in blocks)
+    busy: set[int] = set()
+    errors: list[BaseException] = []
+    lock = threading.Condition()
+
+    def may_start(stage: int, blocks: tuple[int, ...]) -> bool:
+        return busy.isdisjoint(blocks) and all(left[b, s] == 0 for b in blocks for s in range(stage))
+
+    def worker(buffer: Tensor) -> None:
+        torch.set_num_threads(1)  # this thread's matmuls; else each one starts its own team of threads
+        while True:
+            with lock:
+                while True:
+                    if errors or not pending:
+                        return
+                    pick = next((i for i, (stage, blocks, _) in enumerate(pending) if may_start(stage, blocks)), None)
+                    if pick is not None:
+                        break
+                    lock.wait()
+                stage, blocks, work = pending.pop(pick)
+                busy.update(blocks)
+            error = None
+            try:
+                work(buffer)
+            except BaseException as err:
+                error = err
+            with lock:
+                if error is not None:
+                    errors.append(error)
+                busy.difference_update(blocks)
+                for b in blocks:
+                    left[b, stage] -= 1
+                lock.notify_all()
+
+    threads = torch.get_num_threads()
+    pool = [threading.Thread(target=worker, args=(buffer,)) for buffer in buffers]
+    try:
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+    finally:  # interrupted: the threads stop after their current task
+        with lock:
+            pending.clear()
+        for thread in pool:
+            if thread.ident is not None:
+                thread.join()
+        torch.set_num_threads(threads)  # the workers' set_num_threads(1) changed it for the process too
+    if errors:
+        raise errors[0]
+
+
 def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any) -> Iterator[KnnChunk]:
     """Query = reference on CPU, self excluded, each similarity computed once.
 
@@ -370,15 +449,19 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
        ``(i, j)`` is offered to its rows (queries of block ``i``, candidates of block ``j``) and,
        off the diagonal, to its columns (queries of block ``j``, candidates of block ``i``),
        without being transposed.
-    3. **Finish.** Row block ``i`` is complete once its own row of tiles is done (the tiles above
-       it came earlier). Each row keeps its best ``k``; a row that collected fewer than ``k``
+    3. **Finish.** Once every tile of a row block is done, each of its rows keeps its best ``k``,
+       sorted, in its reservoir's first ``k`` slots. A row that collected fewer than ``k``
        candidates had a sample bar above its ``k``-th best (rare by construction) and is
-       recomputed whole by the plain path (:func:`_torch_chunks`).
+       recomputed whole by the plain path (:func:`_torch_chunks`) when its block is yielded.
+
+    The three steps run as tasks of one row block (bars, finish) or one tile, on
+    ``torch.get_num_threads()`` threads, each task single-threaded (:func:`_run_blockwise`); the
+    chunks are yielded after all of them. A row's ``k`` best are one set under a total order and
+    each score is the same float32 number whoever computes its tile, so neither the order of the
+    tiles nor the number of threads changes the result.
 
     See :mod:`dmlbench.evaluation._selfknn_kernels` for the reservoirs and bars.
     """
-    import numba
-
     n = x.shape[0]
     side = max(1, min(chunk_size, _TILE))
     if k == 0:
@@ -404,45 +487,50 @@ def _symmetric_self(x: Tensor, k: int, distance: str, chunk_size: int, kern: Any
     m = min(_SAMPLE, n - 1)
     q = sample_rank(k, n - 1, m)
     sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:m].sort().values
-    flat = torch.empty(side * max(min(side, n), m), dtype=x.dtype)
+    xs, ids = x[sample], sample.to(torch.int32).numpy()
+    spans = [(s, min(s + side, n)) for s in range(0, n, side)]
 
-    def tile(s: int, e: int, other: Tensor) -> np.ndarray:
-        out = flat[: (e - s) * len(other)].view(e - s, len(other))  # contiguous, whatever its shape
+    def tile(buffer: Tensor, s: int, e: int, other: Tensor) -> np.ndarray:
+        out = buffer[: (e - s) * len(other)].view(e - s, len(other))  # contiguous, whatever its shape
         torch.mm(x[s:e], other.T, out=out)
         return out.numpy()
 
-    threads = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    try:
-        if q < m:  # else every sampled item would pass: no useful bar
-            xs, ids = x[sample], sample.to(torch.int32).numpy()
-            for s in range(0, n, side):
-                e = min(s + side, n)
-                kern.sample_bars(tile(s, e, xs), s, ids, bias, alpha, q, tv, ti)
-        parts = numba.get_num_threads()
-        for s in range(0, n, side):
-            e = min(s + side, n)
-            for t in range(s, n, side):
-                u = min(t + side, n)
-                block = tile(s, e, x[t:u])
-                kern.push_rows(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k)
-                if t > s:
-                    kern.push_cols(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k, parts)
+    def bars(s: int, e: int) -> Callable[[Tensor], None]:
+        return lambda buffer: kern.sample_bars(tile(buffer, s, e, xs), s, ids, bias, alpha, q, tv, ti)
+
+    def push(s: int, e: int, t: int, u: int) -> Callable[[Tensor], None]:
+        def work(buffer: Tensor) -> None:
+            block = tile(buffer, s, e, x[t:u])
+            kern.push_rows(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k)
+            if t > s:
+                kern.push_cols(block, s, t, bias, alpha, bv, bi, cnt, tv, ti, k)
+        return work
+
+    def finish(s: int, e: int) -> Callable[[Tensor], None]:
+        def work(buffer: Tensor) -> None:
             kern.finish_rows(bv, bi, cnt, k, s, e)
-            values, ids_out = np.empty((e - s, k), dtype=np.float32), np.empty((e - s, k), dtype=np.int64)
-            kern.sorted_rows(bv, bi, cnt, k, s, e, values, ids_out)
-            values, indices = torch.from_numpy(values), torch.from_numpy(ids_out)
-            if sq is not None:
-                values = values - sq[s:e, None]
-            redo = torch.from_numpy(np.flatnonzero(cnt[s:e] < k))
-            if len(redo):  # the sample bar was above the k-th best: the whole row, by the plain path
-                rows = redo + s
-                for part in _torch_chunks(x[rows], x, k, distance, chunk_size, rows):
-                    values[redo[part.start:part.stop]] = part.scores
-                    indices[redo[part.start:part.stop]] = part.indices
-            yield KnnChunk(s, e, values, indices)
-    finally:
-        numba.set_num_threads(threads)
+            kern.sorted_rows(bv, bi, cnt, k, s, e, bv[s:e], bi[s:e])
+        return work
+
+    # q >= m: every sampled item would pass, no useful bar
+    tasks: list[_Task] = [(0, (a,), bars(s, e)) for a, (s, e) in enumerate(spans)] if q < m else []
+    tasks += [(1, (a, b), push(s, e, t, u)) for a, (s, e) in enumerate(spans)
+              for b, (t, u) in enumerate(spans[a:], a)]
+    tasks += [(2, (a,), finish(s, e)) for a, (s, e) in enumerate(spans)]
+    workers = max(1, min(torch.get_num_threads(), len(spans)))
+    _run_blockwise(tasks, [torch.empty(side * max(min(side, n), m), dtype=x.dtype) for _ in range(workers)])
+    for s, e in spans:
+        values = torch.from_numpy(bv[s:e, :k].copy())
+        indices = torch.from_numpy(bi[s:e, :k].astype(np.int64))
+        if sq is not None:
+            values = values - sq[s:e, None]
+        redo = torch.from_numpy(np.flatnonzero(cnt[s:e] < k))
+        if len(redo):  # the sample bar was above the k-th best: the whole row, by the plain path
+            rows = redo + s
+            for part in _torch_chunks(x[rows], x, k, distance, chunk_size, rows):
+                values[redo[part.start:part.stop]] = part.scores
+                indices[redo[part.start:part.stop]] = part.indices
+        yield KnnChunk(s, e, values, indices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +632,7 @@ def iter_knn(
             when it pays, i.e. float32 embeddings, at least ``SYMMETRIC_MIN_N`` queries and not
             the faiss backend. ``True``: always (an error where it cannot run). ``False``: never.
             Chunks are then at most 1024 queries, and memory is ``8 · Q · (1.5k + 16)`` bytes of
-            candidate reservoirs plus one tile.
+            candidate reservoirs plus one tile (at most 4 MiB) per thread.
 
     Yields:
         :class:`KnnChunk` per block of queries, scores highest first, ties by lower position.
