@@ -146,7 +146,8 @@ def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
         # worker uploads a checkpoint before the driver hears of it; the driver syncs its state every
         # ~2 s). Once a search trial has ended, the next one is held at its epoch 2 until the state
         # in the bucket names its first checkpoint; that state is kept, the trial goes on to its
-        # second checkpoint (the first deleted), the driver is killed, the kept state put back.
+        # second checkpoint (the first deleted; a slow driver may let a third land too), the driver
+        # is killed, the kept state put back.
         hold = log.with_name("hold")
         half, stale = None, None
         deadline = time.time() + 300
@@ -164,10 +165,10 @@ def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
                         if names(body, mid[0], "checkpoint_000000"):
                             half, stale = mid[0], (state[0], body)
                             hold.unlink()
-                elif checkpoints_of(half, objs) == ["checkpoint_000001"]:  # the first one deleted
+                elif checkpoints_of(half, objs)[:1] not in ([], ["checkpoint_000000"]):  # the first one deleted
                     break
                 time.sleep(0.2)
-            assert stale is not None and checkpoints_of(half, objects()) == ["checkpoint_000001"], (
+            assert stale is not None and checkpoints_of(half, objects())[:1] not in ([], ["checkpoint_000000"]), (
                 f"no half-trained trial in time: {first.read_text()[-3000:]}")  # fmt: skip
         finally:
             with contextlib.suppress(ProcessLookupError):
