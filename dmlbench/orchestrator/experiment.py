@@ -348,7 +348,7 @@ def relink_lost_checkpoints(path: str) -> list[str]:
     try:
         fs, exp_path = storage_fs(path)
         wanted = ["/".join(t.checkpoint.path.rstrip("/").split("/")[-2:]) for t in tune.ExperimentAnalysis(path).trials
-                  if t.status not in ("TERMINATED", "ERROR") and t.checkpoint is not None]  # fmt: skip
+                  if t.status not in interrupts.ENDED_STATUSES and t.checkpoint is not None]  # fmt: skip
         return relink_checkpoints(fs, exp_path.rstrip("/"), wanted)
     except Exception as err:  # a repair only: Tuner.restore reports what is really wrong with the state
         log.warning("%s: lost checkpoints not checked before the restore (%s: %s)", path, type(err).__name__, err)
@@ -378,7 +378,7 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
     trials = tune.ExperimentAnalysis(path).trials
     unfinished = 0
     for trial in trials:
-        if trial.status not in ("TERMINATED", "ERROR"):
+        if trial.status not in interrupts.ENDED_STATUSES:
             unfinished += 1
             continue
         for row in sink.rows(trial):

@@ -42,6 +42,8 @@ from dmlbench.errors import SweepInterrupted
 EXIT_INTERRUPTED = 130
 #: longest wait (s) of a stopping experiment for Tune's saved state to show its ended trials
 STATE_WAIT_S = 30.0
+#: Tune's statuses of a trial that has ended (a restored experiment runs it no more)
+ENDED_STATUSES = ("TERMINATED", "ERROR")
 
 _stop = threading.Event()
 _active = threading.Event()  # set while :func:`handling` is in effect
@@ -211,7 +213,7 @@ class StopCallback(tune.Callback):  # type: ignore[misc]
             saved = tune.ExperimentAnalysis(self.experiment_path).trials
         except Exception:  # not written yet, or caught mid-write: read again at a later step
             return False
-        return self._ended <= {t.trial_id for t in saved if t.status in ("TERMINATED", "ERROR")}
+        return self._ended <= {t.trial_id for t in saved if t.status in ENDED_STATUSES}
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         # Tune leaves its handler installed after an experiment that ended normally; put the
