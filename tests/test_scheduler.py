@@ -161,6 +161,32 @@ def test_cells_overlap_and_final_starts_while_another_cell_searches(ray_2cpu: Pa
     assert any(x.startswith("final fake_sched_fast") for x in lines)
 
 
+def test_sweep_wide_cap_runs_one_trial_at_a_time_over_all_cells(ray_2cpu: Path, spaces: Path, tmp_path: Path) -> None:
+    """``--sweep-max-concurrent 1`` on the 2-CPU Ray, with no per-cell limit: each cell alone could
+    run 2 trials at once, and the two cells could run side by side; with the cap no two trials'
+    spans intersect, in the search or the final phase, and every row is still written."""
+    from dmlbench.orchestrator import sweep
+    from dmlbench.orchestrator.spec import SweepSpec
+    from dmlbench.orchestrator.sweepdir import SWEEP_PROGRESS, read_progress, sweep_dir
+    from dmlbench.results import schema, store
+
+    out = tmp_path / "out"
+    spec = SweepSpec(methods=("fake_sched_fast",), datasets=("digits", "synthetic"), backbones=("tiny",), trials=3,
+                     epochs=2, grace_period=2, final_seeds=1, folds=2, search_folds=1, sweep_max_concurrent=1,
+                     output=str(out), name="capped", trial_base={"pretrained": False})  # fmt: skip
+    sweep.run(spec, train_fn=sleepy_train, echo=lambda s: None)
+    df, warnings = store.read_rows(out)
+    # per cell: 3 search rows + 1 seed's 2 fold-model rows and 1 concatenated row
+    assert warnings == [] and len(df) == 12 and df[schema.ROW_ID].is_unique and set(df[schema.STATUS]) == {"complete"}
+    df = _times(df)
+    spans = sorted((g["t0"].min(), g["t1"].max(), tid) for tid, g in df.groupby(schema.TRIAL_ID))
+    assert len(spans) == 8
+    overlaps = [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1] - 0.05]
+    assert overlaps == [], f"trials ran at once under a cap of 1: {overlaps}"
+    # the cap (not the cluster) set the sweep's slots, which the ETA divides the work by
+    assert read_progress(sweep_dir(spec), SWEEP_PROGRESS)["slots"] == 1
+
+
 def _wait_for(cond: Any, timeout: float, what: str, said: Any = lambda: "") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -36,6 +36,7 @@ from ray import tune
 
 from dmlbench.errors import DmlbenchError, SweepInterrupted
 from dmlbench.orchestrator import cluster, interrupts
+from dmlbench.orchestrator.limits import CellLimiter, SeedConfigs
 from dmlbench.orchestrator.planning import (
     asha_rungs,
     cell_base,
@@ -396,7 +397,6 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
 def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellOutcome) -> None:
     """The cell's search: Optuna (TPE, seeded) proposes, ASHA prunes on the validation metric."""
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     from dmlbench.search_spaces.loader import load_space, load_space_file
@@ -417,8 +417,8 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
         search: Any = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
                                    sampler=sampler(spec, cell), study_name=sink.experiment)  # fmt: skip
         limit = search_concurrency(spec)
-        if limit:
-            search = ConcurrencyLimiter(search, max_concurrent=limit)
+        if limit or spec.sweep_max_concurrent:
+            search = CellLimiter(search, limit or spec.trials, spec.sweep_id, sink.experiment)
         asha = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=st.epochs,
                              grace_period=st.grace, reduction_factor=spec.reduction_factor)  # fmt: skip
         return tune.Tuner(
@@ -433,7 +433,7 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
 
 def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn: TrainFn | None,
               out: CellOutcome) -> None:  # fmt: skip
-    """The cell's final phase: a grid over the final seeds with the best params, no searcher, no pruning.
+    """The cell's final phase: the best params with each final seed (:class:`.limits.SeedConfigs`), no pruning.
 
     Each seed's trial trains every fold model (train minus fold i, checkpoint selected on fold i:
     early stopping, CCP stages), so nothing is ever selected on test data, and scores each once on
@@ -449,13 +449,14 @@ def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn
     sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
     fn = trainable(spec, base, train_fn, trainable_name(cell, "final"), folds=folds,
                    stops=group_stops(st.epochs, every_epochs=spec.checkpoint_every_epochs))
-    param_space = {**best_params, "seed": tune.grid_search(final_seeds(spec))}
+    configs = [{**best_params, "seed": seed} for seed in final_seeds(spec)]
 
     def make() -> Any:
+        seeds = CellLimiter(SeedConfigs(configs, spec.metric, spec.mode), spec.max_concurrent or len(configs),
+                            spec.sweep_id, sink.experiment)  # fmt: skip
         return tune.Tuner(
             fn,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
+            tune_config=tune.TuneConfig(search_alg=seeds, num_samples=len(configs), reuse_actors=True),
             run_config=run_config(spec, sink, spec.final_seeds),
         )
 

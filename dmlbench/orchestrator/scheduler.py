@@ -6,7 +6,8 @@ share the cluster side by side, and a cell's final phase starts the moment its o
 other cells still search; Ray's resource scheduling hands free slots to whichever experiment has a
 trial waiting. Per cell nothing changes: its own Tune experiment, Optuna study (seeded per cell),
 ASHA scheduler, ``--max-concurrent`` and rows, and a rerun restores each cell from its own
-experiment state, whatever phase it was in.
+experiment state, whatever phase it was in. ``--sweep-max-concurrent`` caps the trials of all cells
+together (:mod:`.limits`): the pool it counts against is open while :func:`run_cells` runs.
 
 Why a thread per cell, not one Ray actor per cell or one Tune experiment for the whole sweep: the
 per-cell experiments (and their restore paths) stay exactly what a sequential sweep ran, rows and
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from dmlbench.errors import SweepInterrupted
+from dmlbench.orchestrator import limits
 from dmlbench.orchestrator.experiment import CellOutcome, run_final, run_search
 from dmlbench.orchestrator.interrupts import stop_on
 from dmlbench.orchestrator.planning import cell_settings
@@ -41,15 +43,20 @@ REFRESH_S = 1.0
 
 
 def trial_slots(spec: SweepSpec) -> int | None:
-    """How many trials the connected cluster runs at once (GPUs or CPUs per trial); None without Ray."""
+    """How many trials the sweep runs at once: the connected cluster's room (GPUs or CPUs per trial),
+    at most ``--sweep-max-concurrent``; None without Ray."""
     import ray
 
     if not ray.is_initialized():
         return None
     res = ray.cluster_resources()
     if spec.gpus_per_trial:
-        return int(res.get("GPU", 0.0) // spec.gpus_per_trial) or None
-    return int(res.get("CPU", 0.0) // (spec.cpus_per_trial or 1.0)) or None
+        slots = int(res.get("GPU", 0.0) // spec.gpus_per_trial)
+    else:
+        slots = int(res.get("CPU", 0.0) // (spec.cpus_per_trial or 1.0))
+    if spec.sweep_max_concurrent:
+        slots = min(slots, spec.sweep_max_concurrent)
+    return slots or None
 
 
 def run_cell(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, say: Printer, out: CellOutcome) -> None:
@@ -109,6 +116,7 @@ def run_cells(
             view.say(text)
 
     errors: list[BaseException] = []
+    limits.open_pool(spec.sweep_id, spec.sweep_max_concurrent)
     try:
         with stop_on(spec.sweep_id, stop), ThreadPoolExecutor(len(cells), thread_name_prefix="cell") as pool:
             futures: set[Future[None]] = {pool.submit(run_cell, spec, c, train_fn, say, outcomes[c]) for c in cells}
@@ -126,6 +134,7 @@ def run_cells(
                     say("stopping: every running experiment saves its state")
                     stop.set()
     finally:
+        limits.close_pool(spec.sweep_id)
         view.close()
     real = [e for e in errors if not isinstance(e, SweepInterrupted)]
     if real:

@@ -2,7 +2,7 @@
 
 The CLI builds a ``SweepSpec``; everything downstream (cells, experiment names, the sweep id, the
 resume check) derives from it. Fields that change *what* is computed form the identity hash;
-where and on what it runs (``output``, ``address``, ``storage``, ``max_concurrent``, the
+where and on what it runs (``output``, ``address``, ``storage``, the concurrency caps, the
 resources per trial) does not.
 """
 
@@ -21,7 +21,7 @@ from dmlbench.config import TrialConfig
 #: spec fields that do not change the results (excluded from the identity hash): where and on what
 #: it runs (the resources per trial are resolved against the cluster when the sweep starts)
 RUNTIME_FIELDS = frozenset({
-    "output", "address", "storage", "max_concurrent", "name", "dashboard_host", "gpus_per_trial",
+    "output", "address", "storage", "max_concurrent", "sweep_max_concurrent", "name", "dashboard_host", "gpus_per_trial",
     "cpus_per_trial", "allow_cpu", "checkpoint_period_s", "checkpoint_every_epochs",
 })  # fmt: skip
 EMBEDDED = ("synthetic", "digits")
@@ -73,7 +73,10 @@ class SweepSpec(BaseModel):
     )
     cpus_per_trial: float = Field(default=1.0, gt=0, description="CPUs per trial: data-loader workers and threads")
     allow_cpu: bool = Field(default=False, description="let trials on the benchmark datasets train on CPU")
-    max_concurrent: int | None = Field(default=None, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1, description="trials running at once per cell")
+    sweep_max_concurrent: int | None = Field(
+        default=None, ge=1, description="trials running at once in the whole sweep, all cells together"
+    )
     search_space: str | None = Field(default=None, description="YAML overriding its method's space")
     folds: int = Field(default=4, ge=2)
     search_folds: int | None = Field(
