@@ -25,13 +25,10 @@ SPEC = SweepSpec(methods=("proxyanchor",), datasets=("digits",), backbones=("tin
 
 @pytest.fixture
 def no_ray_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No Ray address or token settings, and a HOME without ``~/.ray/auth_token``. The code under test
-    sets ``RAY_AUTH_MODE`` itself (``prepare_auth``); each variable is set through monkeypatch first,
-    so that its undo restores the variable's absence too (a leaked ``RAY_AUTH_MODE`` made the next
-    test's local Ray fail to start its GCS)."""
+    """No Ray address or token settings, and a HOME without ``~/.ray/auth_token`` (conftest restores
+    the auth variables that the code under test sets itself)."""
     for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
 
