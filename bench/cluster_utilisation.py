@@ -1,13 +1,16 @@
-"""Cluster utilisation of a sweep: the concurrent scheduler vs the old one-cell-after-another order.
+"""Cluster utilisation of a sweep: the concurrent scheduler vs the old one-cell-after-another order
+and vs one plain Tune experiment of the same trials.
 
 The real sweep machinery (``orchestrator.sweep.run``: Ray Tune, Optuna, the trainable, rows, the
 leaderboard) on a local Ray with ``--slots`` logical CPUs (one trial per slot), ``--methods`` ×
 ``--datasets`` cells, each with ``--trials`` search trials and ``--final-seeds`` final trials. A
 trial's train function only sleeps (``--trial-s`` seconds over ``--epochs`` epochs, no pruning; a
 final seed's two fold models sleep half each, so it is one trial's work too), so
-the work is known exactly: utilisation = trial work / (slots × wall time). Both orders run in this
+the work is known exactly: utilisation = trial work / (slots × wall time). The orders run in this
 process, one after the other, on the same Ray; the sequential order is the same machinery with the
-cells run one at a time (``scheduler.run_cell`` in a loop), which is what the sweep did before.
+cells run one at a time (``scheduler.run_cell`` in a loop), which is what the sweep did before; the
+``tune`` order is the peer that bounds them: the same number of trials of the same work as one plain
+Tune experiment, whose trial processes are reused for the whole run.
 
     python bench/cluster_utilisation.py --slots 8 --trials 8 --final-seeds 3 --trial-s 10
 """
@@ -116,6 +119,43 @@ def sample_busy(slots: int, busy: list[float], done: threading.Event) -> None:
         busy.append(slots - ray.available_resources().get("CPU", 0.0))
 
 
+def held_by_tenth(busy: list[float], slots: int) -> str:
+    """The share of slots held in each tenth of the run: where the unheld time lies (the start, while
+    trial processes start; the middle, between trials; the end, the last cells' final phases)."""
+    n = len(busy)
+    tenths = [busy[i * n // 10 : (i + 1) * n // 10] for i in range(10)]
+    return " ".join(f"{sum(t) / len(t) / slots:.0%}" if t else "-" for t in tenths)
+
+
+def plain_trial(config: dict[str, Any]) -> None:
+    """A trial of the plain-Tune order: the same known work as a sweep's trial, reported per epoch."""
+    from ray import tune
+
+    if TIMELINE:
+        with open(TIMELINE, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "proc_start": process_start(), "start": time.time(),
+                                "work": EPOCH_S * config["epochs"]}) + "\n")  # fmt: skip
+    for epoch in range(1, config["epochs"] + 1):
+        time.sleep(EPOCH_S)
+        tune.report({"epoch": epoch})
+
+
+def run_plain_tune(n_trials: int, epochs: int, storage: Path) -> None:
+    """The ceiling of any Tune-based order on this machine: the same trials, work and slots as one
+    plain Tune experiment (no dmlbench, no Optuna or ASHA, no rows), so every trial process is reused
+    for the whole run (``reuse_actors``) and no experiment starts after the first. Its processes pay
+    the same start (Ray's worker, the set-up hook's imports, ``ray.tune``)."""
+    from ray import tune
+
+    tuner = tune.Tuner(
+        tune.with_resources(plain_trial, {"cpu": 1}),
+        param_space={"i": tune.grid_search(list(range(n_trials))), "epochs": epochs},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(name="plain", storage_path=str(storage), verbose=0),
+    )
+    tuner.fit()
+
+
 def run_sequential(spec: Any) -> None:
     """The old order: each cell's search, then its final phase, then the next cell."""
     from dmlbench.orchestrator import cluster
@@ -139,7 +179,11 @@ def main() -> None:
     ap.add_argument("--final-seeds", type=int, default=3)
     ap.add_argument("--trial-s", type=float, default=10.0, help="seconds of work per trial")
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--orders", default="concurrent,sequential", help="which orders to run")
+    ap.add_argument("--orders", default="concurrent,sequential,tune",
+                    help="which orders to run: concurrent (dmlbench), sequential (cells one after another), tune "
+                    "(the same trials as one plain Tune experiment: the ceiling on this machine)")
+    ap.add_argument("--sweep-max-concurrent", type=int, default=None,
+                    help="the concurrent order's sweep-wide cap (default: none, as the slots allow)")
     args = ap.parse_args()
     EPOCH_S = args.trial_s / args.epochs
     # the sweep driver's Tune settings (sweep.run sets them too): experiment state saved every
@@ -168,6 +212,7 @@ def main() -> None:
             spec = SweepSpec(methods=METHODS[: args.methods], datasets=tuple(args.datasets.split(",")),
                              backbones=("tiny",), trials=args.trials, epochs=args.epochs, grace_period=args.epochs,
                              final_seeds=args.final_seeds, folds=FOLDS, search_folds=1, cpus_per_trial=1, name=order,
+                             sweep_max_concurrent=args.sweep_max_concurrent,
                              output=str(tmp / order), trial_base={"pretrained": False})  # fmt: skip
             TIMELINE = str(tmp / f"{order}-timeline.jsonl")
             busy: list[float] = []
@@ -178,12 +223,19 @@ def main() -> None:
             try:
                 if order == "concurrent":
                     sweep.run(spec, train_fn=sleep_train, echo=lambda s: None)
-                else:
+                elif order == "sequential":
                     run_sequential(spec)
+                else:
+                    run_plain_tune(len(spec.cells()) * (args.trials + args.final_seeds), args.epochs, tmp / order)
             finally:
                 done.set()
                 sampler.join()
             wall = time.perf_counter() - t0
+            notes[order] = f"{breakdown(Path(TIMELINE))}; slots held by tenth of the run: {held_by_tenth(busy, args.slots)}"
+            if order == "tune":
+                n = len(spec.cells()) * (args.trials + args.final_seeds)
+                results[order] = (wall, n * args.trial_s, sum(busy) / max(len(busy), 1))
+                continue
             rows, _ = store.read_rows(tmp / order)
             # a final seed: one row per fold model and one for their concatenated embedding
             n = len(spec.cells()) * (args.trials + args.final_seeds * (FOLDS + 1))
@@ -193,7 +245,6 @@ def main() -> None:
             models = rows[~rows[schema.PROTOCOL].astype(str).str.contains("-concat")]
             work = float(sum(e * epoch_s(ph) for e, ph in zip(models[schema.EPOCHS], models[schema.PHASE])))
             results[order] = (wall, work, sum(busy) / max(len(busy), 1))
-            notes[order] = breakdown(Path(TIMELINE))
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
