@@ -31,11 +31,20 @@ class Counting(Searcher):
         self.completed.append(trial_id)
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def test_limiters_of_two_experiments_share_the_sweep_cap() -> None:
-    limits.open_pool("sw", 3)
+    clock = Clock()
+    limits.open_pool("sw", 3, clock)
     try:
-        a = CellLimiter(Counting(), 2, "sw", "exp-a")  # per cell: 2
-        b = CellLimiter(Counting(), 5, "sw", "exp-b")
+        a = CellLimiter(Counting(), 2, "sw", "exp-a", 10)  # per cell: 2
+        b = CellLimiter(Counting(), 5, "sw", "exp-b", 10)
         assert a.suggest("a1") == {"i": 1} and a.suggest("a2") == {"i": 2}
         assert a.suggest("a3") is None  # the cell's own limit
         assert b.suggest("b1") == {"i": 1}
@@ -43,18 +52,40 @@ def test_limiters_of_two_experiments_share_the_sweep_cap() -> None:
         assert limits.in_flight("sw") == 3
         a.on_trial_complete("a1", {"m": 1.0})
         assert a.searcher.completed == ["a1"] and limits.in_flight("sw") == 2
-        assert b.suggest("b2") == {"i": 2}  # the place a1 left
+        assert b.suggest("b2") is None  # the place a1 left is held for a's next trial (its cached process)
+        clock.t += limits.HOLD_S + 0.1
+        assert b.suggest("b2") == {"i": 2}  # a did not take it in time: anyone may
         assert a.suggest("a4") is None
         b.on_trial_complete("b1", error=True)  # an errored trial frees its place too
-        assert a.suggest("a4") == {"i": 3}
+        assert a.suggest("a4") is None  # held for b
+        assert b.suggest("b3") == {"i": 3}  # b takes its own held place
         assert limits.in_flight("sw") == 3
     finally:
         limits.close_pool("sw")
     assert limits.in_flight("sw") is None
 
 
+def test_a_held_place_goes_back_when_its_cell_cannot_use_it() -> None:
+    clock = Clock()
+    limits.open_pool("swh", 2, clock)
+    try:
+        a = CellLimiter(Counting(), 1, "swh", "exp-a", 10)  # a cell limited to 1 at a time
+        b = CellLimiter(Counting(), 5, "swh", "exp-b", 10)
+        last = CellLimiter(Counting(), 5, "swh", "exp-last", 1)  # one trial planned in all
+        assert a.suggest("a1") and last.suggest("l1") and b.suggest("b1") is None
+        last.on_trial_complete("l1")  # its experiment has nothing more to run: nothing is held
+        assert b.suggest("b1") == {"i": 1}
+        a.on_trial_complete("a1")
+        assert b.suggest("b2") is None  # held for a
+        a.max_concurrent = 0  # a's own limit now refuses: its suggestion is None, the hold goes back
+        assert a.suggest("a2") is None
+        assert b.suggest("b2") == {"i": 2} and limits.in_flight("swh") == 2
+    finally:
+        limits.close_pool("swh")
+
+
 def test_without_an_open_pool_a_limiter_is_tunes_concurrency_limiter() -> None:
-    lim = CellLimiter(Counting(), 2, "no-pool", "exp")
+    lim = CellLimiter(Counting(), 2, "no-pool", "exp", 10)
     assert lim.suggest("t1") and lim.suggest("t2") and lim.suggest("t3") is None
     lim.on_trial_complete("t1")
     assert lim.suggest("t3") == {"i": 3}
@@ -65,7 +96,7 @@ def test_a_restored_experiment_counts_its_trials_in_flight_before_it_suggests() 
     unpickles when the experiment is restored (a new driver: a new pool)."""
     limits.open_pool("sw2", 2)
     try:
-        a = CellLimiter(Counting(), 4, "sw2", "exp-a")
+        a = CellLimiter(Counting(), 4, "sw2", "exp-a", 2)  # both its trials suggested: it holds no place
         a.suggest("a1"), a.suggest("a2")
         saved = a.get_state()
         pickled = pickle.dumps(a)
@@ -73,11 +104,12 @@ def test_a_restored_experiment_counts_its_trials_in_flight_before_it_suggests() 
         limits.close_pool("sw2")
     limits.open_pool("sw2", 2)  # the resumed sweep
     try:
-        other = CellLimiter(Counting(), 4, "sw2", "exp-b")
+        other = CellLimiter(Counting(), 4, "sw2", "exp-b", 10)
         restored = pickle.loads(pickled)
         restored.set_state(saved)
         assert limits.in_flight("sw2") == 2
         assert other.suggest("b1") is None  # the restored trials hold both places
+        assert restored.suggested == 2  # restored too
         restored.on_trial_complete("a1")
         assert other.suggest("b1") == {"i": 1}
     finally:
@@ -86,7 +118,7 @@ def test_a_restored_experiment_counts_its_trials_in_flight_before_it_suggests() 
 
 def test_two_threads_never_exceed_the_cap() -> None:
     limits.open_pool("sw3", 5)
-    lims = [CellLimiter(Counting(), 100, "sw3", f"exp-{i}") for i in range(4)]
+    lims = [CellLimiter(Counting(), 100, "sw3", f"exp-{i}", 10_000) for i in range(4)]
     peak = [0]
     lock = threading.Lock()
 

@@ -418,7 +418,7 @@ def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellO
                                    sampler=sampler(spec, cell), study_name=sink.experiment)  # fmt: skip
         limit = search_concurrency(spec)
         if limit or spec.sweep_max_concurrent:
-            search = CellLimiter(search, limit or spec.trials, spec.sweep_id, sink.experiment)
+            search = CellLimiter(search, limit or spec.trials, spec.sweep_id, sink.experiment, spec.trials)
         asha = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=st.epochs,
                              grace_period=st.grace, reduction_factor=spec.reduction_factor)  # fmt: skip
         return tune.Tuner(
@@ -453,7 +453,7 @@ def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn
 
     def make() -> Any:
         seeds = CellLimiter(SeedConfigs(configs, spec.metric, spec.mode), spec.max_concurrent or len(configs),
-                            spec.sweep_id, sink.experiment)  # fmt: skip
+                            spec.sweep_id, sink.experiment, len(configs))  # fmt: skip
         return tune.Tuner(
             fn,
             tune_config=tune.TuneConfig(search_alg=seeds, num_samples=len(configs), reuse_actors=True),

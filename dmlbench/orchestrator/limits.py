@@ -13,6 +13,10 @@ the searcher:
 * the pool counts, over the limiters of every experiment of the sweep, the trials they suggested and
   have not yet seen end (``ConcurrencyLimiter.live_trials``, which Tune saves with the experiment and
   restores on resume), so a restored experiment counts its resumed trials and no count can drift;
+* a place freed by a cell's ending trial is held for that cell for a moment (:data:`HOLD_S`), unless
+  it has no trial left to suggest: its next trial then takes over the process the ended one leaves
+  (Tune keeps it cached for the cell), instead of another cell starting a new process while the
+  cached one idles on its slot;
 * :class:`SeedConfigs` hands out the final phase's trials (the best params with each final seed) as
   a searcher, so the final phase goes through the same limiter as the search.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +37,53 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 #: open pools by sweep id (one per running sweep in this driver)
 _POOLS: dict[str, SweepPool] = {}
 _POOLS_LOCK = threading.Lock()
+#: seconds a place freed by a cell's ended trial stays that cell's (its Tune loop asks for the next
+#: trial within one step, ~0.1 s, on a busy driver within a second)
+HOLD_S = 2.0
 
 
 class SweepPool:
-    """The trials in flight of one sweep, over all its experiments, against its cap."""
+    """The trials in flight of one sweep, over all its experiments, against its cap, and the places
+    held for the experiment whose trial just ended."""
 
-    def __init__(self, cap: int):
+    def __init__(self, cap: int, clock: Any = time.monotonic):
         self.cap = cap
         self.lock = threading.Lock()
         self.limiters: dict[str, CellLimiter] = {}  # by experiment name: the one Tune calls now
+        self.held: dict[str, list[float]] = {}  # experiment name -> until when each held place stays its
+        self.clock = clock
 
     def in_flight(self) -> int:
         return sum(len(lim.live_trials) for lim in self.limiters.values())
 
+    def free_for(self, experiment: str) -> int:
+        """Places ``experiment`` may take now: the cap less the trials in flight and the places held
+        for the other experiments (expired holds are dropped)."""
+        now = self.clock()
+        self.held = {e: kept for e, until in self.held.items() if (kept := [u for u in until if u > now])}
+        others = sum(len(until) for e, until in self.held.items() if e != experiment)
+        return self.cap - self.in_flight() - others
 
-def open_pool(sweep_id: str, cap: int | None) -> None:
+    def hold(self, experiment: str) -> None:
+        self.held.setdefault(experiment, []).append(self.clock() + HOLD_S)
+
+    def take_held(self, experiment: str) -> None:
+        until = self.held.get(experiment)
+        if until:
+            until.pop(0)
+
+    def drop_held(self, experiment: str) -> None:
+        self.held.pop(experiment, None)
+
+
+def open_pool(sweep_id: str, cap: int | None, clock: Any = time.monotonic) -> None:
     """Start counting the sweep's trials against ``cap`` (None: no sweep-wide cap). A pool left by an
     earlier run of the same sweep in this process (stopped, then resumed) is replaced: the restored
     experiments register their limiters again with what they restored."""
     with _POOLS_LOCK:
         _POOLS.pop(sweep_id, None)
         if cap is not None:
-            _POOLS[sweep_id] = SweepPool(cap)
+            _POOLS[sweep_id] = SweepPool(cap, clock)
 
 
 def close_pool(sweep_id: str) -> None:
@@ -78,20 +108,33 @@ class CellLimiter(ConcurrencyLimiter):
     sweep id at each call.
     """
 
-    def __init__(self, searcher: Searcher, max_concurrent: int, sweep_id: str, experiment: str):
+    def __init__(self, searcher: Searcher, max_concurrent: int, sweep_id: str, experiment: str, planned: int):
         super().__init__(searcher, max_concurrent=max_concurrent)
         self.sweep_id = sweep_id
         self.experiment = experiment
+        self.planned = planned  # the experiment's trials (Tune's num_samples)
+        self.suggested = 0  # saved and restored with the live trials (get_state/set_state)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         pool = _POOLS.get(self.sweep_id)
         if pool is None:
-            return super().suggest(trial_id)
+            return self._suggest(trial_id)
         with pool.lock:  # the check and the suggestion at once: two cells cannot both take the last place
             pool.limiters[self.experiment] = self
-            if pool.in_flight() >= pool.cap:
+            if pool.free_for(self.experiment) <= 0:
                 return None
-            return super().suggest(trial_id)
+            suggestion = self._suggest(trial_id)
+            if suggestion in (None, Searcher.FINISHED):
+                pool.drop_held(self.experiment)  # nothing to start now: the held places go back
+            else:
+                pool.take_held(self.experiment)
+            return suggestion
+
+    def _suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        suggestion = super().suggest(trial_id)
+        if suggestion not in (None, Searcher.FINISHED):
+            self.suggested += 1
+        return suggestion
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         pool = _POOLS.get(self.sweep_id)
@@ -99,7 +142,10 @@ class CellLimiter(ConcurrencyLimiter):
             super().on_trial_complete(trial_id, result=result, error=error)
             return
         with pool.lock:
+            ended = trial_id in self.live_trials
             super().on_trial_complete(trial_id, result=result, error=error)
+            if ended and self.suggested < self.planned:
+                pool.hold(self.experiment)
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Tune restores the experiment's trials in flight: count them in the pool at once, before
