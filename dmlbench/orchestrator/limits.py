@@ -103,9 +103,9 @@ def in_flight(sweep_id: str) -> int | None:
 class CellLimiter(ConcurrencyLimiter):
     """Tune's per-experiment ``ConcurrencyLimiter`` that also respects the sweep's pool (if open).
 
-    Holds only plain data besides the searcher (the sweep id and the experiment name): Tune pickles
-    it with the experiment and saves its ``live_trials`` as search state; the pool is looked up by
-    sweep id at each call.
+    Holds only plain data besides the searcher (the sweep id, the experiment name, its planned and
+    suggested trial counts): Tune pickles it with the experiment and saves its ``live_trials`` and
+    counts as search state; the pool is looked up by sweep id at each call.
     """
 
     def __init__(self, searcher: Searcher, max_concurrent: int, sweep_id: str, experiment: str, planned: int):
