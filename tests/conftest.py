@@ -48,22 +48,3 @@ def ray_tmpdir() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="dmlt-ray-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-#: Ray's auth settings, which the code under test sets in ``os.environ`` (``cluster.prepare_auth``)
-RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-@pytest.fixture(autouse=True)
-def _ray_auth_env_as_it_was() -> Iterator[None]:
-    """After every test, Ray's auth variables are what they were before it (set or absent). A test
-    that joined an address in-process left ``RAY_AUTH_MODE=token`` for the rest of the session, and
-    the next test's local Ray then failed to start its GCS. Autouse fixtures are torn down last, so
-    this runs after monkeypatch's undo."""
-    saved = {var: os.environ.get(var) for var in RAY_AUTH_VARS}
-    yield
-    for var, value in saved.items():
-        if value is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = value
