@@ -153,7 +153,9 @@ def run_plain_tune(n_trials: int, epochs: int, storage: Path) -> None:
         tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(name="plain", storage_path=str(storage), verbose=0),
     )
-    tuner.fit()
+    grid = tuner.fit()
+    if grid.num_errors or len(grid) != n_trials:
+        raise SystemExit(f"benchmark invalid (tune): {len(grid)} trials, {grid.num_errors} errors (expected {n_trials}, 0)")
 
 
 def run_sequential(spec: Any) -> None:
