@@ -25,8 +25,13 @@ SPEC = SweepSpec(methods=("proxyanchor",), datasets=("digits",), backbones=("tin
 
 @pytest.fixture
 def no_ray_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No Ray address or token settings, and a HOME without ``~/.ray/auth_token``. Each variable is
+    set through monkeypatch before it is removed, so the undo puts back exactly what was there before
+    the test, absence included: ``prepare_auth`` sets ``RAY_AUTH_MODE`` itself, and a value it left
+    behind made the next test's local Ray fail to start when this file ran before test_interrupt."""
     for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
 
@@ -123,12 +128,11 @@ def test_deadline_ends_a_blocked_call_with_one_sentence() -> None:
     assert res.stderr.strip() == "error: cannot join the Ray cluster at h:1: no answer within 0 s."
 
 
-def test_unreachable_address_is_one_sentence_without_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_address_is_one_sentence_without_ray(no_ray_env: Path) -> None:
     from typer.testing import CliRunner
 
     from dmlbench.cli import app
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = ["sweep", "--methods", "proxyanchor", "--datasets", "digits", "--preset", "smoke", "--address", "127.0.0.1:1"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2
