@@ -217,6 +217,7 @@ def main() -> None:
                              sweep_max_concurrent=args.sweep_max_concurrent,
                              output=str(tmp / order), trial_base={"pretrained": False})  # fmt: skip
             TIMELINE = str(tmp / f"{order}-timeline.jsonl")
+            trials = len(spec.cells()) * (args.trials + args.final_seeds)  # each one trial's work
             busy: list[float] = []
             done = threading.Event()
             sampler = threading.Thread(target=sample_busy, args=(args.slots, busy, done), daemon=True)
@@ -228,15 +229,14 @@ def main() -> None:
                 elif order == "sequential":
                     run_sequential(spec)
                 else:
-                    run_plain_tune(len(spec.cells()) * (args.trials + args.final_seeds), args.epochs, tmp / order)
+                    run_plain_tune(trials, args.epochs, tmp / order)
             finally:
                 done.set()
                 sampler.join()
             wall = time.perf_counter() - t0
             notes[order] = f"{breakdown(Path(TIMELINE))}; slots held by tenth of the run: {held_by_tenth(busy, args.slots)}"
             if order == "tune":
-                n = len(spec.cells()) * (args.trials + args.final_seeds)
-                results[order] = (wall, n * args.trial_s, sum(busy) / max(len(busy), 1))
+                results[order] = (wall, trials * args.trial_s, sum(busy) / max(len(busy), 1))
                 continue
             rows, _ = store.read_rows(tmp / order)
             # a final seed: one row per fold model and one for their concatenated embedding
