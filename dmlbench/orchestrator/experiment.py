@@ -1,24 +1,27 @@
-"""The Ray Tune experiment of one cell: its search (Optuna + ASHA) or its final phase (the best params
-retrained with the final seeds), and the rows its terminal trials become.
+"""The sweep's Ray Tune experiment: every cell's search (Optuna + ASHA) and final phase (the best params
+retrained with the final seeds) as one experiment, and the rows its terminal trials become.
 
-One experiment = one ``tune.Tuner`` with a deterministic name (:func:`spec.experiment_name`), so a
-restarted driver restores it with ``Tuner.restore``. Rows are written twice, idempotently (row ids
-are deterministic): by :class:`RowCallback` as each trial ends (so a killed driver loses no finished
-trial), and once more for every terminal trial after ``fit`` returns (which also surfaces a row that
-could not be written). The callback holds only plain, picklable data: Tune saves it with the
-experiment and hands it back on restore, so no private Tune attribute is ever patched.
+Why one experiment for the whole sweep: Tune hands an ended trial's process to the next trial only
+inside one experiment, so all cells' trials share the trial processes (no process start per cell
+phase), and free slots go to whichever cell has a trial to start. What stays per cell (its Optuna
+study and ASHA, its caps, its final phase after its own search) is :mod:`.multiplex`'s.
 
-Several cells' experiments run at once, each ``fit`` in its own thread (:mod:`.scheduler`), so:
+The experiment has a deterministic name (:func:`spec.sweep_experiment_name`), so a restarted
+driver restores it with ``Tuner.restore``, whatever phase each cell was in. Rows are written twice,
+idempotently (row ids are deterministic): by :class:`RowCallback` as each trial ends (so a killed
+driver loses no finished trial), and once more for every terminal trial after ``fit`` returns
+(which also surfaces a row that could not be written). The callback holds only plain, picklable
+data: Tune saves it with the experiment and hands it back on restore, so no private Tune attribute
+is ever patched. It also keeps one ``progress/<cell phase>.json`` per cell phase (running trials
+with epoch and latest metric, the start and end of each finished trial) for the live view and
+``dmlbench status``.
 
-* every experiment registers its trainable under its own name (:func:`trainable_name`); Tune's
-  default, the function's name, would let one cell's trials run with another cell's settings;
-* Tune catches Ctrl-C only in the main thread, so an experiment is stopped through
-  :func:`.interrupts.stop_on`: once its event is set, the experiment's
-  :class:`~.interrupts.StopCallback` raises :class:`SweepInterrupted` at a step of the experiment
-  loop, after the experiment state Tune saved shows every trial that ended as ended (Tune skips its
-  final save on that path; a rerun restores the saved state, like after a killed driver);
-* the callback keeps ``progress/<experiment>.json`` (running trials with epoch and latest
-  metric, the start and end of each finished trial) for the live view and ``dmlbench status``.
+``fit`` runs in a driver thread (:mod:`.scheduler`), and Tune catches Ctrl-C only in the main
+thread, so the experiment is stopped through :func:`.interrupts.stop_on`: once its event is set,
+the experiment's :class:`~.interrupts.StopCallback` raises :class:`SweepInterrupted` at a step of
+the experiment loop, after the experiment state Tune saved shows every trial that ended as ended
+(Tune skips its final save on that path; a rerun restores the saved state, like after a killed
+driver).
 """
 
 from __future__ import annotations
@@ -27,16 +30,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from dmlbench.errors import DmlbenchError, SweepInterrupted
+from dmlbench.errors import ConfigError, DmlbenchError, SweepInterrupted
 from dmlbench.orchestrator import cluster, interrupts
-from dmlbench.orchestrator.limits import CellLimiter, SeedConfigs
+from dmlbench.orchestrator.multiplex import CellSchedulers, CellTrials, SweepSearcher, route
 from dmlbench.orchestrator.planning import (
     asha_rungs,
     cell_base,
@@ -49,7 +51,7 @@ from dmlbench.orchestrator.planning import (
     search_folds,
 )
 from dmlbench.orchestrator.rows import build_row, sampled_params
-from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name
+from dmlbench.orchestrator.spec import Cell, SweepSpec, experiment_name, sweep_experiment_name
 from dmlbench.orchestrator.sweepdir import read_progress, stamp_progress, sweep_dir, write_progress
 from dmlbench.orchestrator.trainable import (
     EPOCH_KEY,
@@ -58,7 +60,8 @@ from dmlbench.orchestrator.trainable import (
     SUMMARY_KEY,
     TIME_ATTR,
     TrainFn,
-    run_trial,
+    part_key,
+    run_routed_trial,
 )
 from dmlbench.results import schema, store
 
@@ -135,65 +138,84 @@ class RowSink:
 
 
 class RowCallback(tune.Callback):  # type: ignore[misc]
-    """Writes a row as each trial ends and keeps the experiment's progress file (live view,
+    """Writes a row as each trial ends and keeps one progress file per cell phase (live view,
     ``dmlbench status``); stopping is :class:`~dmlbench.orchestrator.interrupts.StopCallback`'s.
 
-    A failed write (disk full) is logged, not raised: an exception inside a Tune callback would end
-    the experiment with a traceback; the driver writes every row again after ``fit`` and raises there.
+    ``sinks``, ``planned`` and ``budget`` are by part key (:func:`.trainable.part_key`); a trial's
+    part is read from its config. A failed write (disk full) is logged, not raised: an exception
+    inside a Tune callback would end the experiment with a traceback; the driver writes every row
+    again after ``fit`` and raises there.
     """
 
-    def __init__(self, sink: RowSink, planned: int, budget: int):
-        self.sink = sink
+    def __init__(self, sinks: dict[str, RowSink], planned: dict[str, int], budget: dict[str, int]):
+        self.sinks = sinks
         self.planned = planned
         self.budget = budget
-        self.running: dict[str, dict[str, Any]] = {}
-        self.ended: dict[str, dict[str, Any]] = {}
+        self.running: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in sinks}
+        self.ended: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in sinks}
 
-    def _progress(self) -> None:
+    def _progress(self, key: str) -> None:
+        sink = self.sinks[key]
         state = {
-            "cell": self.sink.cell.key, "phase": self.sink.phase, "planned": self.planned, "budget": self.budget,
-            "running": self.running, "ended": self.ended,
+            "cell": sink.cell.key, "phase": sink.phase, "planned": self.planned[key], "budget": self.budget[key],
+            "running": self.running[key], "ended": self.ended[key],
         }  # fmt: skip
         try:
-            write_progress(sweep_dir(self.sink.spec), self.sink.experiment, state)
+            write_progress(sweep_dir(sink.spec), sink.experiment, state)
         except OSError as err:
-            log.warning("progress of %s not written (%s)", self.sink.experiment, err)
+            log.warning("progress of %s not written (%s)", sink.experiment, err)
+
+    def _part(self, trial: Any) -> str | None:
+        key = route(trial)
+        return key if key in self.sinks else None
 
     def setup(self, **info: Any) -> None:
         # a restored experiment keeps the times of the trials that ended before the restart
-        old = read_progress(sweep_dir(self.sink.spec), self.sink.experiment).get("ended")
-        if isinstance(old, dict):
-            self.ended = {**old, **self.ended}
-        self._progress()
+        for key, sink in self.sinks.items():
+            old = read_progress(sweep_dir(sink.spec), sink.experiment).get("ended")
+            if isinstance(old, dict):
+                self.ended[key] = {**old, **self.ended[key]}
+            self._progress(key)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.running[trial.trial_id] = {"started": time.time(), "epoch": 0, "metric": None}
-        self._progress()
+        if (key := self._part(trial)) is None:
+            return
+        self.running[key][trial.trial_id] = {"started": time.time(), "epoch": 0, "metric": None}
+        self._progress(key)
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                         **info: Any) -> None:  # fmt: skip
-        entry = self.running.setdefault(trial.trial_id, {"started": time.time(), "epoch": 0, "metric": None})
+        if (key := self._part(trial)) is None:
+            return
+        entry = self.running[key].setdefault(
+            trial.trial_id, {"started": time.time(), "epoch": 0, "metric": None}
+        )
         if isinstance(result.get(EPOCH_KEY), (int, float)):
             entry["epoch"] = int(result[EPOCH_KEY])
-        value = result.get(self.sink.spec.metric)
+        value = result.get(self.sinks[key].spec.metric)
         if isinstance(value, (int, float)) and result.get(EPOCH_KEY) is not None:
             entry["metric"] = float(value)
-        self._progress()
+        self._progress(key)
 
     def _ended(self, trial: Any) -> None:
+        if (key := self._part(trial)) is None:
+            return
+        sink = self.sinks[key]
         row: dict[str, Any] = {}
         try:
-            rows = self.sink.rows(trial)
+            rows = sink.rows(trial)
             row = rows[0] if rows else {}
         except DmlbenchError as err:
-            log.warning("row of trial %s not written yet (%s); retried when the experiment ends", trial.trial_id, err)
-        entry = self.running.pop(trial.trial_id, None)
-        value = row.get(self.sink.spec.metric)
-        self.ended[trial.trial_id] = {
+            log.warning(
+                "row of trial %s not written yet (%s); retried when the experiment ends", trial.trial_id, err
+            )
+        entry = self.running[key].pop(trial.trial_id, None)
+        value = row.get(sink.spec.metric)
+        self.ended[key][trial.trial_id] = {
             "started": entry["started"] if entry else time.time(), "ended": time.time(),
             "status": row.get(schema.STATUS), "metric": float(value) if isinstance(value, (int, float)) else None,
         }  # fmt: skip
-        self._progress()
+        self._progress(key)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._ended(trial)
@@ -202,13 +224,13 @@ class RowCallback(tune.Callback):  # type: ignore[misc]
         self._ended(trial)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # experiments saved by an older dmlbench hold only ``sink`` and a set of running trial ids;
-        # trials running when the driver stopped start again after a restore
+        # trials running when the driver stopped start again after a restore; the ended ones are
+        # read back from the progress files in setup()
         self.__dict__.update(state)
-        self.running = {}
-        self.ended = dict(state.get("ended") or {})
-        self.planned = int(state.get("planned") or 0)
-        self.budget = int(state.get("budget") or 0)
+        self.running = {k: {} for k in self.sinks}
+        self.ended = {k: dict(v) for k, v in (state.get("ended") or {}).items()}
+        for k in self.sinks:
+            self.ended.setdefault(k, {})
 
 
 def _error_text(trial: Any) -> str:
@@ -238,24 +260,67 @@ def _cell_split_hash(base: dict[str, Any]) -> str | None:
 _REGISTER = threading.Lock()
 
 
-def trainable_name(cell: Cell, phase: str) -> str:
-    """The name an experiment's trainable is registered under: unique per cell and phase, so
-    experiments running side by side never resolve each other's trainable."""
-    return f"{cell.slug}-{phase}"
+@dataclass
+class Part:
+    """One cell phase of the sweep: what its trials train (``run_routed_trial``'s part) and where
+    their rows and progress go."""
+
+    cell: Cell
+    phase: str
+    sink: RowSink
+    planned: int
+    budget: int
+    #: ``base``, ``split_hash``, ``folds`` and ``stops`` for :func:`.trainable.run_trial`
+    trial: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return part_key(self.cell.slug, self.phase)
 
 
-def trainable(spec: SweepSpec, base: dict[str, Any], train_fn: TrainFn | None, name: str,
-              folds: list[int | None] | None = None, stops: list[int] | None = None) -> str:  # fmt: skip
-    """Register ``run_trial`` bound to the cell's defaults and the folds of its models (search: the
-    search folds; final: every fold, or one full-train model; a group's models pause in turn at
-    ``stops``: ASHA's rungs and periodic checkpoints, :func:`planning.group_stops`), with the
-    trial's resource request, as ``name``; returns the name (what the Tuner gets)."""
-    fn = tune.with_parameters(run_trial, base=base, metric=spec.metric, train_fn=train_fn,
-                              split_hash=_cell_split_hash(base), folds=folds, stops=stops,
+def sweep_parts(spec: SweepSpec) -> list[Part]:
+    """Every cell phase of the sweep, cell by cell: the search (of a searched cell; a group of the
+    search folds' models, pausing at ASHA's rungs and periodic checkpoints, :func:`planning.group_stops`),
+    then the final phase (the best params per final seed: every fold model, or one model on all
+    training classes; a cell the protocol does not search has only this one)."""
+    parts = []
+    for cell in spec.cells():
+        st = cell_settings(spec, cell)
+        if st.searched:
+            base = cell_base(spec, cell, "search")
+            folds: list[int | None] = list(search_folds(spec))
+            stops = group_stops(
+                st.epochs,
+                asha_rungs(st.grace, spec.reduction_factor, st.epochs),
+                spec.checkpoint_every_epochs,
+            )
+            # a row of a group stands for its fold models (fold NULL; each model's score is in its metrics)
+            sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell), group=len(folds) > 1)
+            parts.append(Part(cell, "search", sink, spec.trials, st.epochs,
+                              {"base": base, "split_hash": _cell_split_hash(base), "folds": folds, "stops": stops}))  # fmt: skip
+        if spec.final_seeds or not st.searched:
+            base = cell_base(spec, cell, "final")
+            folds = list(range(spec.folds)) if st.fold_models else [None]
+            if len(folds) > 1:
+                base = {**base, "fold": None}
+            sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
+            parts.append(Part(cell, "final", sink, spec.final_seeds, st.epochs,
+                              {"base": base, "split_hash": _cell_split_hash(base), "folds": folds,
+                               "stops": group_stops(st.epochs, every_epochs=spec.checkpoint_every_epochs)}))  # fmt: skip
+    return parts
+
+
+def trainable(spec: SweepSpec, parts: list[Part], train_fn: TrainFn | None) -> str:
+    """Register :func:`.trainable.run_routed_trial` bound to every cell phase's part, with the
+    trial's resource request, under the sweep's experiment name; returns the name (what the Tuner
+    gets). Named per sweep: two sweeps in one driver never resolve each other's trainable."""
+    fn = tune.with_parameters(run_routed_trial, parts={p.key: p.trial for p in parts}, metric=spec.metric,
+                              train_fn=train_fn,
                               checkpoint_every=(spec.checkpoint_period_s, spec.checkpoint_every_epochs))  # fmt: skip
     res: dict[str, float] = {"cpu": spec.cpus_per_trial}
-    if spec.gpus_per_trial:  # resolved by cluster.resolve_resources before any experiment starts
+    if spec.gpus_per_trial:  # resolved by cluster.resolve_resources before the experiment starts
         res["gpu"] = spec.gpus_per_trial
+    name = sweep_experiment_name(spec)
     with _REGISTER:  # Tune's registry flushes a shared dict: one registration at a time
         tune.register_trainable(name, tune.with_resources(fn, res))
     return name
@@ -274,19 +339,20 @@ def sampler(spec: SweepSpec, cell: Cell) -> Any:
     )
 
 
-def run_config(spec: SweepSpec, sink: RowSink, planned: int) -> Any:
+def run_config(spec: SweepSpec, parts: list[Part]) -> Any:
     return tune.RunConfig(
-        name=sink.experiment,
+        name=sweep_experiment_name(spec),
         storage_path=cluster.storage_root(spec),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         # the experiment state (trial statuses, searcher) reaches the storage path within ~2 s:
         # a killed driver then restores finished trials as finished (Ray's default syncs every 300 s)
         sync_config=tune.SyncConfig(sync_period=2),
-        callbacks=[RowCallback(sink, planned, cell_settings(spec, sink.cell).epochs),
-                   interrupts.StopCallback(spec.sweep_id, f"{cluster.storage_root(spec)}/{sink.experiment}")],
+        callbacks=[RowCallback({p.key: p.sink for p in parts}, {p.key: p.planned for p in parts},
+                               {p.key: p.budget for p in parts}),
+                   interrupts.StopCallback(spec.sweep_id, f"{cluster.storage_root(spec)}/{sweep_experiment_name(spec)}")],
         verbose=0,
-    )
+    )  # fmt: skip
 
 
 def storage_fs(path: str) -> tuple[Any, str]:
@@ -356,24 +422,88 @@ def relink_lost_checkpoints(path: str) -> list[str]:
         return []
 
 
-def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, out: CellOutcome) -> None:
-    """Run (or restore and continue) the experiment; every terminal trial ends as a row in ``out``.
+def searcher(spec: SweepSpec, parts: list[Part]) -> SweepSearcher:
+    """Every cell's trials as one searcher (:mod:`.multiplex`): per searched cell Optuna TPE (seeded
+    per cell, its own study) over the cell's space, then the final seeds."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from dmlbench.search_spaces.loader import load_space, load_space_file
+
+    searched = {p.cell for p in parts if p.phase == "search"}
+    cells = []
+    for cell in dict.fromkeys(p.cell for p in parts):
+        search = None
+        if cell in searched:
+            override = None
+            if spec.search_space and load_space_file(spec.search_space).method == cell.method:
+                override = spec.search_space
+            space = cell_space(spec, load_space(cell.method, override), cell)
+            search = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
+                                  sampler=sampler(spec, cell), study_name=experiment_name(spec, cell))  # fmt: skip
+        seeds = final_seeds(spec) if (spec.final_seeds or search is None) else []
+        cells.append(CellTrials(cell.key, cell.slug, search, spec.trials if search is not None else 0,
+                                search_concurrency(spec) or spec.trials or 1, list(seeds),
+                                spec.max_concurrent or max(1, len(seeds))))  # fmt: skip
+    return SweepSearcher(cells, spec.metric, spec.mode, cap=spec.sweep_max_concurrent, sweep_id=spec.sweep_id)
+
+
+def cell_schedulers(spec: SweepSpec, parts: list[Part]) -> CellSchedulers:
+    """Per searched cell its own ASHA, pruning on the validation metric at the cell's rungs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    ashas = {}
+    for p in parts:
+        if p.phase == "search":
+            st = cell_settings(spec, p.cell)
+            ashas[p.cell.slug] = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode,
+                                               max_t=st.epochs, grace_period=st.grace,
+                                               reduction_factor=spec.reduction_factor)  # fmt: skip
+    return CellSchedulers(ashas)
+
+
+def _refuse_per_cell_layout(spec: SweepSpec, parts: list[Part]) -> None:
+    """A sweep started by a dmlbench that ran one Tune experiment per cell phase cannot be continued
+    as one experiment (its trials and searchers live in the old ones)."""
+    root = cluster.storage_root(spec)
+    old = [p.sink.experiment for p in parts if tune.Tuner.can_restore(f"{root}/{p.sink.experiment}")]
+    if old:
+        raise ConfigError(
+            f"sweep {spec.sweep_id} was started by an older dmlbench that ran one Tune experiment per cell phase "
+            f"({len(old)} found in {root}, e.g. {old[0]}); this version runs a sweep as one experiment and cannot "
+            "continue it: its rows stay readable; run it again under a new --name (or with --force to start over)."
+        )
+
+
+def run_sweep(spec: SweepSpec, train_fn: TrainFn | None, outcomes: dict[Cell, CellOutcome]) -> None:
+    """Run (or restore and continue) the sweep's experiment: every cell's search and final phase
+    (:mod:`.multiplex`); every terminal trial ends as a row in its cell's outcome, and each cell's
+    best search trial is picked (:func:`pick_best`).
 
     Raises :class:`SweepInterrupted` when ``fit`` returned with unfinished trials (Ctrl-C: Tune
-    saved its state first) or the sweep was asked to stop (:mod:`.interrupts`), so the caller stops
-    instead of moving on; trials interrupted while running stay unfinished (no row) and continue from
-    their last checkpoint when the same command runs again.
+    saved its state first) or the sweep was asked to stop (:mod:`.interrupts`); trials interrupted
+    while running stay unfinished (no row) and continue from their last checkpoint when the same
+    command runs again.
     """
-    interrupts.raise_if_requested(f"experiment {sink.experiment}")  # Ctrl-C: nothing new starts
+    name = sweep_experiment_name(spec)
+    interrupts.raise_if_requested(f"experiment {name}")  # Ctrl-C: nothing new starts
     if interrupts.stop_requested(spec.sweep_id):
-        raise SweepInterrupted(f"sweep stopped before {sink.experiment} started; rerun the same command to continue.")
-    path = f"{cluster.storage_root(spec)}/{sink.experiment}"
+        raise SweepInterrupted(f"sweep stopped before {name} started; rerun the same command to continue.")
+    parts = sweep_parts(spec)
+    by_key = {p.key: p for p in parts}
+    fn = trainable(spec, parts, train_fn)
+    path = f"{cluster.storage_root(spec)}/{name}"
     if tune.Tuner.can_restore(path):
         relink_lost_checkpoints(path)
         tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)  # fmt: skip
     else:
-        tuner = make_tuner()
+        _refuse_per_cell_layout(spec, parts)
+        tuner = tune.Tuner(
+            fn,
+            tune_config=tune.TuneConfig(search_alg=searcher(spec, parts), scheduler=cell_schedulers(spec, parts),
+                                        num_samples=sum(p.planned for p in parts), reuse_actors=True),
+            run_config=run_config(spec, parts),
+        )  # fmt: skip
     tuner.fit()
     # the experiment state Tune saved when fit returned (public API; the ResultGrid hides statuses)
     trials = tune.ExperimentAnalysis(path).trials
@@ -382,85 +512,23 @@ def fit(spec: SweepSpec, sink: RowSink, make_tuner: Callable[[], Any], fn: Any, 
         if trial.status not in interrupts.ENDED_STATUSES:
             unfinished += 1
             continue
-        for row in sink.rows(trial):
-            out.rows[row[schema.ROW_ID]] = row
-    # when fit returned and its rows were read: the ETA measures each experiment's wrap-up after its
-    # last trial from it (the callback rewrites the file without it when the experiment runs again)
-    stamp_progress(sweep_dir(spec), sink.experiment, "closed")
+        part = by_key.get(route(trial) or "")
+        if part is None:
+            log.warning("trial %s of %s belongs to no cell phase of this sweep; no row", trial.trial_id, name)
+            continue
+        for row in part.sink.rows(trial):
+            outcomes[part.cell].rows[row[schema.ROW_ID]] = row
+    # when fit returned and its rows were read: the ETA measures the experiment's wrap-up after its
+    # last trial from it (the callback rewrites the files without it when the experiment runs again)
+    for p in parts:
+        stamp_progress(sweep_dir(spec), p.sink.experiment, "closed")
+    for out in outcomes.values():
+        pick_best(spec, out)
     if unfinished or interrupts.requested() or interrupts.stop_requested(spec.sweep_id):
         raise SweepInterrupted(
-            f"sweep interrupted with {unfinished} unfinished trial(s) in {sink.experiment}; rerun the same command "
+            f"sweep interrupted with {unfinished} unfinished trial(s) in {name}; rerun the same command "
             "(or add --resume) to continue where it stopped."
         )
-
-
-def run_search(spec: SweepSpec, cell: Cell, train_fn: TrainFn | None, out: CellOutcome) -> None:
-    """The cell's search: Optuna (TPE, seeded) proposes, ASHA prunes on the validation metric."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from dmlbench.search_spaces.loader import load_space, load_space_file
-
-    override = None
-    if spec.search_space and load_space_file(spec.search_space).method == cell.method:
-        override = spec.search_space
-    space = cell_space(spec, load_space(cell.method, override), cell)
-    base = cell_base(spec, cell, "search")
-    st = cell_settings(spec, cell)
-    folds: list[int | None] = list(search_folds(spec))
-    # a row of a group stands for its fold models (fold NULL; each model's score is in its metrics)
-    sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell), group=len(folds) > 1)
-    stops = group_stops(st.epochs, asha_rungs(st.grace, spec.reduction_factor, st.epochs), spec.checkpoint_every_epochs)
-    fn = trainable(spec, base, train_fn, trainable_name(cell, "search"), folds=folds, stops=stops)
-
-    def make() -> Any:
-        search: Any = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
-                                   sampler=sampler(spec, cell), study_name=sink.experiment)  # fmt: skip
-        limit = search_concurrency(spec)
-        if limit or spec.sweep_max_concurrent:
-            search = CellLimiter(search, limit or spec.trials, spec.sweep_id, sink.experiment, spec.trials)
-        asha = ASHAScheduler(time_attr=TIME_ATTR, metric=spec.metric, mode=spec.mode, max_t=st.epochs,
-                             grace_period=st.grace, reduction_factor=spec.reduction_factor)  # fmt: skip
-        return tune.Tuner(
-            fn,
-            tune_config=tune.TuneConfig(search_alg=search, scheduler=asha, num_samples=spec.trials, reuse_actors=True),
-            run_config=run_config(spec, sink, spec.trials),
-        )
-
-    fit(spec, sink, make, fn, out)
-    pick_best(spec, out)
-
-
-def run_final(spec: SweepSpec, cell: Cell, best_params: dict[str, Any], train_fn: TrainFn | None,
-              out: CellOutcome) -> None:  # fmt: skip
-    """The cell's final phase: the best params with each final seed (:class:`.limits.SeedConfigs`), no pruning.
-
-    Each seed's trial trains every fold model (train minus fold i, checkpoint selected on fold i:
-    early stopping, CCP stages), so nothing is ever selected on test data, and scores each once on
-    the test split; its rows are one per fold model and one for their concatenated embedding
-    (:mod:`dmlbench.orchestrator.folds`). A ``paper`` cell without fold models trains one model on
-    all training classes per seed, scored on test at its last epoch.
-    """
-    st = cell_settings(spec, cell)
-    base = cell_base(spec, cell, "final")
-    folds: list[int | None] = list(range(spec.folds)) if st.fold_models else [None]
-    if len(folds) > 1:
-        base = {**base, "fold": None}
-    sink = RowSink(spec, cell, "final", base, experiment_name(spec, cell, phase="final"))
-    fn = trainable(spec, base, train_fn, trainable_name(cell, "final"), folds=folds,
-                   stops=group_stops(st.epochs, every_epochs=spec.checkpoint_every_epochs))
-    configs = [{**best_params, "seed": seed} for seed in final_seeds(spec)]
-
-    def make() -> Any:
-        seeds = CellLimiter(SeedConfigs(configs, spec.metric, spec.mode), spec.max_concurrent or len(configs),
-                            spec.sweep_id, sink.experiment, len(configs))  # fmt: skip
-        return tune.Tuner(
-            fn,
-            tune_config=tune.TuneConfig(search_alg=seeds, num_samples=len(configs), reuse_actors=True),
-            run_config=run_config(spec, sink, spec.final_seeds),
-        )
-
-    fit(spec, sink, make, fn, out)
 
 
 def pick_best(spec: SweepSpec, out: CellOutcome) -> None:

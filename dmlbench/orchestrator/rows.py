@@ -21,6 +21,7 @@ from dmlbench.orchestrator.trainable import (
     ERROR_KEY,
     HISTORY_KEY,
     PROVENANCE_KEY,
+    ROUTE_KEYS,
     SPLIT_HASH_KEY,
     STARTED_KEY,
     STATUS_KEY,
@@ -173,5 +174,16 @@ def _pretrained_label(base: dict[str, Any]) -> str:
 
 
 def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
-    """The searched/fixed values of a Tune config (without Tune's own keys)."""
-    return {k: v for k, v in config.items() if k not in _TUNE_KEYS}
+    """The searched/fixed values of a Tune config (without Tune's own keys and the trial's cell and
+    phase tags)."""
+    return {k: v for k, v in config.items() if k not in _TUNE_KEYS and k not in ROUTE_KEYS}
+
+
+def search_score(last: dict[str, Any], metric: str) -> float | None:
+    """The validation score a complete search trial's row carries (its summary's ``metric``), from
+    the trial's last report; None for any other trial. The best search trial of a cell is the one
+    with the best score (:func:`dmlbench.orchestrator.experiment.pick_best` reads the same from rows)."""
+    if classify(last, errored=False) != "complete":
+        return None
+    value = (json.loads(last.get(SUMMARY_KEY) or "{}").get("metrics") or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

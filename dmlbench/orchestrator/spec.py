@@ -281,8 +281,15 @@ class Cell:
         return "-".join(x.replace("/", "_").replace(".", "_") for x in parts)
 
 
+def sweep_experiment_name(spec: SweepSpec) -> str:
+    """Deterministic name of the sweep's Tune experiment (and of its trainable); the spec hash is
+    part of it, as in :func:`experiment_name`."""
+    return f"{spec.sweep_id}-{spec.spec_hash(6)}"
+
+
 def experiment_name(spec: SweepSpec, cell: Cell, phase: str = "search") -> str:
-    """Deterministic Tune experiment / Optuna study name of a cell.
+    """Deterministic name of a cell phase: its Optuna study, its progress file (and, in sweeps of
+    dmlbench before one experiment per sweep, its Tune experiment).
 
     The spec hash is part of it, so a sweep continued with ``--force`` under a changed spec
     starts new experiments while keeping the rows already written. The protocol is part of the

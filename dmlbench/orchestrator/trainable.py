@@ -60,6 +60,11 @@ HISTORY_KEY = "dmlbench_history"
 PROVENANCE_KEY = "dmlbench_provenance"
 STARTED_KEY = "dmlbench_started"
 CKPT_BYTES_KEY = "dmlbench_checkpoint_bytes"
+#: config keys naming a trial's cell (its slug) and phase: a sweep is one Tune experiment, and its
+#: searcher (:mod:`dmlbench.orchestrator.multiplex`) tags every trial it suggests with them
+CELL_KEY = "dmlbench_cell"
+PHASE_KEY = "dmlbench_phase"
+ROUTE_KEYS = (CELL_KEY, PHASE_KEY)
 #: file of a Tune checkpoint holding the trainable's own state (best so far, history)
 STATE_FILE = "trial_state.json"
 TIME_ATTR = "epoch"
@@ -142,6 +147,28 @@ def summarise(result: Any) -> dict[str, Any]:
     test = getattr(result, "test_metrics", None)
     out["test_metrics"] = _finite(dict(test)) if test else None
     return out
+
+
+def part_key(cell_slug: str, phase: str) -> str:
+    """The key of a cell's phase in :func:`run_routed_trial`'s ``parts``."""
+    return f"{cell_slug}/{phase}"
+
+
+def route_of(config: dict[str, Any]) -> str | None:
+    """The part key a trial's config is tagged with (None: not tagged)."""
+    if CELL_KEY not in config or PHASE_KEY not in config:
+        return None
+    return part_key(str(config[CELL_KEY]), str(config[PHASE_KEY]))
+
+
+def run_routed_trial(config: dict[str, Any], *, parts: dict[str, dict[str, Any]], **kwargs: Any) -> None:
+    """Tune function trainable of a whole sweep: the trial's cell and phase (:data:`ROUTE_KEYS` in
+    its config) pick its ``base``, ``split_hash``, ``folds`` and ``stops`` from ``parts``; the rest
+    of the config is what :func:`run_trial` gets. A process Tune reuses may run trials of any cell."""
+    key = route_of(config)
+    if key not in parts:
+        raise KeyError(f"trial config tagged {key!r}, which is none of this sweep's cell phases: {sorted(parts)}")
+    run_trial({k: v for k, v in config.items() if k not in ROUTE_KEYS}, **parts[key], **kwargs)
 
 
 def run_trial(

@@ -1,0 +1,272 @@
+"""Every cell's trials in one Tune experiment: which trial the sweep starts next, and which trials ASHA
+stops, decided per cell.
+
+A sweep is one Tune experiment (:mod:`.experiment`), because Tune hands a trial's process to the
+next trial only inside one experiment (``reuse_actors``): with one experiment per cell and phase,
+each cell phase started processes of its own (imports, CUDA set-up), and a cell's processes ended
+with its experiment. Here a process that finished any cell's trial takes the next trial of any cell.
+
+What stays per cell, exactly as when each cell was an experiment of its own:
+
+* :class:`SweepSearcher` keeps one searcher per cell (Optuna TPE, seeded per cell, its own study),
+  asks it only for that cell's trials and tells it only their results; the cell's final phase (the
+  best complete search trial's params with each final seed) starts when the last of its search
+  trials ended, and is skipped when none completed; ``--max-concurrent`` caps each cell phase's
+  trials in flight, ``--sweep-max-concurrent`` those of all cells together;
+* :class:`CellSchedulers` gives each cell's search trials to that cell's ASHA (rungs, cut-offs);
+  final trials are never stopped.
+
+Every trial's config carries its cell and phase (:data:`~.trainable.ROUTE_KEYS`), which is how the
+scheduler, the trainable (:func:`~.trainable.run_routed_trial`) and the rows find its cell. Cells
+take turns (round robin) when more than one could start a trial. The searcher's state, with every
+cell's study and counts, is saved by Tune with the experiment and restored on resume.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from dmlbench.orchestrator.rows import search_score
+from dmlbench.orchestrator.trainable import CELL_KEY, PHASE_KEY, route_of
+
+SEARCH, FINAL = "search", "final"
+
+#: by sweep id: what the sweep's searcher has to say (a cell's search ended, its final phase
+#: started or was skipped, the cell is done), read by the driver's live view (:func:`news`)
+_NEWS: dict[str, queue.SimpleQueue[str]] = {}
+
+
+def open_news(sweep_id: str) -> None:
+    _NEWS[sweep_id] = queue.SimpleQueue()
+
+
+def close_news(sweep_id: str) -> None:
+    _NEWS.pop(sweep_id, None)
+
+
+def news(sweep_id: str) -> list[str]:
+    """The lines said since the last call (none when the sweep's news are not open)."""
+    q, out = _NEWS.get(sweep_id), []
+    while q is not None and not q.empty():
+        out.append(q.get_nowait())
+    return out
+
+
+def _say(sweep_id: str, text: str) -> None:
+    q = _NEWS.get(sweep_id)
+    if q is not None:
+        q.put(text)
+
+
+@dataclass
+class CellTrials:
+    """One cell's trials and where they stand (plain data and the cell's searcher).
+
+    Args:
+        key: the cell's key (what the news name).
+        slug: the cell's slug (what its trials' configs carry).
+        search: the cell's searcher; None for a cell that is not searched (the paper protocol trains
+            its recipe: its final phase starts at once, with no params).
+        trials: search trials planned.
+        search_limit: search trials of the cell in flight at most.
+        seeds: the final phase's seeds (empty: no final phase).
+        final_limit: final trials of the cell in flight at most.
+    """
+
+    key: str
+    slug: str
+    search: Searcher | None
+    trials: int
+    search_limit: int
+    seeds: list[int]
+    final_limit: int
+    suggested: dict[str, int] = field(default_factory=lambda: {SEARCH: 0, FINAL: 0})
+    ended: dict[str, int] = field(default_factory=lambda: {SEARCH: 0, FINAL: 0})
+    #: the best complete search trial so far: its score and params
+    best_score: float | None = None
+    best_params: dict[str, Any] | None = None
+
+    def search_over(self) -> bool:
+        return self.search is None or self.ended[SEARCH] >= self.trials
+
+    def final_params(self) -> dict[str, Any] | None:
+        """The params of the final phase once the search is over (None: none completed, or no search over yet)."""
+        if not self.search_over():
+            return None
+        return {} if self.search is None else self.best_params
+
+    def done(self) -> bool:
+        """Nothing left to suggest or to wait for."""
+        if not self.search_over():
+            return False
+        if not self.seeds or self.final_params() is None:
+            return True
+        return self.ended[FINAL] >= len(self.seeds)
+
+    def in_flight(self, phase: str) -> int:
+        return self.suggested[phase] - self.ended[phase]
+
+    def next_trial(self, trial_id: str) -> tuple[str, dict[str, Any]] | None:
+        """The cell's next trial (phase, config), or None when it has none to start now."""
+        if self.search is not None and self.suggested[SEARCH] < self.trials:
+            if self.in_flight(SEARCH) >= self.search_limit:
+                return None
+            config = self.search.suggest(trial_id)
+            if not isinstance(config, dict):
+                return None
+            self.suggested[SEARCH] += 1
+            return SEARCH, config
+        params = self.final_params()  # waits for the cell's last search trial to end
+        if (
+            params is None
+            or self.suggested[FINAL] >= len(self.seeds)
+            or self.in_flight(FINAL) >= self.final_limit
+        ):
+            return None
+        seed = self.seeds[self.suggested[FINAL]]
+        self.suggested[FINAL] += 1
+        return FINAL, {**params, "seed": seed}
+
+
+class SweepSearcher(Searcher):
+    """Tune searcher of a whole sweep: each cell's trials from that cell's own searcher, then its final
+    seeds (see the module doc); finished when every cell is done.
+
+    Args:
+        cells: the cells' trials, in the sweep's cell order.
+        metric, mode: the validation metric the cells' searchers read (Tune checks reports for it).
+        cap: trials of all cells in flight at most (``--sweep-max-concurrent``; None: no cap).
+        sweep_id: whose news it tells (:func:`news`).
+    """
+
+    def __init__(
+        self, cells: list[CellTrials], metric: str, mode: str, cap: int | None = None, sweep_id: str = ""
+    ):
+        super().__init__(metric=metric, mode=mode)
+        self.sweep_id = sweep_id
+        self.cells = {c.slug: c for c in cells}
+        self.order = [c.slug for c in cells]
+        self.cap = cap
+        self.routes: dict[str, tuple[str, str]] = {}  # trial id -> (cell slug, phase)
+        self.live: set[str] = set()  # suggested, not yet ended
+        self.configs: dict[str, dict[str, Any]] = {}  # search trials in flight: the params they got
+        self.turn = 0  # the cell asked first next time
+
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
+    ) -> bool:
+        return True  # every cell's searcher was built with the sweep's metric and mode
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.cap is not None and len(self.live) >= self.cap:
+            return None
+        n = len(self.order)
+        for i in range(n):
+            slug = self.order[(self.turn + i) % n]
+            got = self.cells[slug].next_trial(trial_id)
+            if got is None:
+                continue
+            phase, config = got
+            self.turn = (self.turn + i + 1) % n
+            self.routes[trial_id] = (slug, phase)
+            self.live.add(trial_id)
+            if phase == SEARCH:
+                self.configs[trial_id] = dict(config)
+            return {**config, CELL_KEY: slug, PHASE_KEY: phase}
+        return Searcher.FINISHED if all(c.done() for c in self.cells.values()) else None
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        slug, phase = self.routes.get(trial_id, ("", ""))
+        cell = self.cells.get(slug)
+        if cell is not None and phase == SEARCH and cell.search is not None:
+            cell.search.on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if trial_id not in self.live:
+            return  # told twice, or not ours
+        self.live.discard(trial_id)
+        slug, phase = self.routes[trial_id]
+        cell = self.cells[slug]
+        cell.ended[phase] += 1
+        if phase == SEARCH and cell.search is not None:
+            cell.search.on_trial_complete(trial_id, result=result, error=error)
+            params = self.configs.pop(trial_id, {})
+            score = None if error or not result else search_score(result, str(self.metric))
+            sign = 1.0 if self.mode == "max" else -1.0
+            if score is not None and (cell.best_score is None or sign * score > sign * cell.best_score):
+                cell.best_score, cell.best_params = score, params
+            if cell.search_over() and cell.seeds:
+                if cell.best_params is None:
+                    _say(self.sweep_id, f"no complete search trial in {cell.key}: final phase skipped")
+                else:
+                    _say(self.sweep_id, f"final {cell.key}: best val {self.metric}={cell.best_score:.4f}, "
+                                        f"{len(cell.seeds)} seed(s)")  # fmt: skip
+        if cell.done():
+            _say(self.sweep_id, f"done {cell.key}")
+
+    def save(self, checkpoint_path: str) -> None:
+        # the cells' searchers are pickled as their own save does (Optuna's: its attributes, pickled)
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__.copy(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:  # written by save() into the sweep's own storage
+            self.__dict__.update(pickle.load(fh))
+
+
+class CellSchedulers(FIFOScheduler):
+    """Tune trial scheduler of a whole sweep: each cell's search trials go to that cell's own ASHA
+    (``schedulers``, by cell slug); final trials, and cells without one, run to their end. Trials
+    start first come, first served (FIFO, as ASHA's)."""
+
+    _supports_buffered_results = False  # as ASHA: a rung decision per reported epoch
+
+    def __init__(self, schedulers: dict[str, TrialScheduler]):
+        super().__init__()
+        self.schedulers = schedulers
+
+    def _of(self, trial: Any) -> TrialScheduler | None:
+        config = trial.config or {}
+        if config.get(PHASE_KEY) != SEARCH:
+            return None
+        return self.schedulers.get(str(config.get(CELL_KEY)))
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # every cell's ASHA was built with the sweep's metric and mode
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if (s := self._of(trial)) is not None:
+            s.on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        if (s := self._of(trial)) is not None:
+            s.on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if (s := self._of(trial)) is not None:
+            return s.on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        if (s := self._of(trial)) is not None:
+            s.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        if (s := self._of(trial)) is not None:
+            s.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"Using one ASHA per searched cell ({len(self.schedulers)}), FIFO otherwise."
+
+
+def route(trial: Any) -> str | None:
+    """A Tune trial's part key (cell slug/phase), from its config."""
+    return route_of(dict(trial.config or {}))
