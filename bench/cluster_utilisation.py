@@ -159,16 +159,14 @@ def run_plain_tune(n_trials: int, epochs: int, storage: Path) -> None:
 
 
 def run_sequential(spec: Any) -> None:
-    """The old order: each cell's search, then its final phase, then the next cell."""
-    from dmlbench.orchestrator import cluster
-    from dmlbench.orchestrator.experiment import CellOutcome
-    from dmlbench.orchestrator.scheduler import run_cell
-    from dmlbench.orchestrator.sweepdir import write_spec
+    """The old order: each cell's search, then its final phase, then the next cell (each cell a
+    sweep of its own, so its search and final phase are one experiment, as in the concurrent order)."""
+    from dmlbench.orchestrator import sweep
 
-    spec = cluster.resolve_resources(spec, cluster.node_capacity())  # as sweep.run does
-    write_spec(spec)
     for cell in spec.cells():
-        run_cell(spec, cell, sleep_train, lambda s: None, CellOutcome(cell))
+        one = spec.model_copy(update={"methods": (cell.method,), "datasets": (cell.dataset,),
+                                      "name": f"{spec.name}-{cell.slug}"})  # fmt: skip
+        sweep.run(one, train_fn=sleep_train, echo=lambda s: None)
 
 
 def main() -> None:

@@ -61,8 +61,8 @@ def test_a_trial_past_its_expected_time_expects_what_longer_trials_took() -> Non
 
 
 def test_experiment_wrap_up_and_driver_wrap_up_are_counted() -> None:
-    # one experiment closed 2 s after its last trial; the other has 5 s of its running trial left:
-    # chain 5 + 2; the driver's wrap-up (its measured set-up, 4 s) after that
+    # the experiment closed 2 s after its last trial in an earlier run of the driver; now a trial has
+    # 5 s left: chain 5 + 2; the driver's wrap-up (its measured set-up, 4 s) after that
     closed = cell("search", 1, [10.0], key="a/d/b", closed=52.0, last_end=50.0)
     running = cell("search", 2, [10.0], running=[95.0], key="b/d/b")
     assert eta_seconds([closed, running], slots=8, now=100.0) == pytest.approx(7.0)
@@ -90,12 +90,15 @@ def test_status_of_a_finished_sweep_counts_no_wrap_up(tmp_path: Path) -> None:
 
 def test_process_start_is_counted_once_per_new_process_not_per_trial() -> None:
     # cell a: a cold trial of 6 s (a new process) and two warm ones of 1 s (reused): start cost 5 s.
-    # a has 1 pending trial (warm: its experiment runs, 1 s); cell b has not started: 4 trials of 1 s
-    # plus one process start (5 s). Work 1 + 4 + 5 = 10 s on 1 slot (the old model: 5 trials at a's
-    # mean of 2.67 s = 13.3 s).
+    # a has 1 pending trial and cell b, not started, 4 trials of 1 s. On 1 slot the sweep's one
+    # process takes them all (any cell's trial reuses it): work 1 + 4 = 5 s (the old model: 5 trials
+    # at a's mean of 2.67 s = 13.3 s).
     a = cell("search", 4, [6.0, 1.0, 1.0], key="a/d/b", warm=[False, True, True])
     b = cell("search", 4, [], key="b/d/b")
-    assert eta_seconds([a, b], slots=1, now=100.0) == pytest.approx(1.0 + 4 * 1.0 + 5.0)
+    assert eta_seconds([a, b], slots=1, now=100.0) == pytest.approx(1.0 + 4 * 1.0)
+    # on 2 slots one more process starts (5 s): work (5 + 5) / 2 = 5 s, but b's first trial may be
+    # the one on the new process: chain 1 + 5 = 6 s
+    assert eta_seconds([a, b], slots=2, now=100.0) == pytest.approx(6.0)
     # a running trial that started cold expects its work and the start; a warm one only its work
     cold = cell("search", 3, [6.0, 1.0], running=[99.0], key="a/d/b", warm=[False, True])
     assert eta_seconds([cold], slots=1, now=100.0) == pytest.approx(1.0 + 5.0 - 1.0)
@@ -104,17 +107,20 @@ def test_process_start_is_counted_once_per_new_process_not_per_trial() -> None:
     assert eta_seconds([warm], slots=1, now=100.0) == pytest.approx(0.5)
 
 
-def test_a_trial_is_warm_when_it_starts_as_another_of_its_experiment_ends(tmp_path: Path) -> None:
+def test_a_trial_is_warm_when_it_starts_as_another_trial_of_the_sweep_ends(tmp_path: Path) -> None:
     from dmlbench.orchestrator.spec import SweepSpec, experiment_name
     from dmlbench.orchestrator.status import sweep_progress
     from dmlbench.orchestrator.sweepdir import sweep_dir, write_progress
 
-    spec = SweepSpec(methods=("ccp",), datasets=("digits",), trials=4, final_seeds=0, output=str(tmp_path))
+    spec = SweepSpec(methods=("ccp",), datasets=("digits",), trials=4, final_seeds=1, output=str(tmp_path))
     folder = sweep_dir(spec)
     ended = {"a": {"started": 10.0, "ended": 16.0}, "b": {"started": 16.02, "ended": 17.0},  # b took a's process
              "c": {"started": 12.0, "ended": 18.0}}  # c started on a process of its own while a ran
     running = {"d": {"started": 17.05}, "e": {"started": 30.0}}  # d took b's process; e a new one
     write_progress(folder, experiment_name(spec, spec.cells()[0], "search"), {"ended": ended, "running": running})
-    (c,) = sweep_progress(spec, folder, rows=None, now=40.0).cells
+    # the final phase's trial took c's process: the processes of one sweep serve every cell phase
+    write_progress(folder, experiment_name(spec, spec.cells()[0], "final"), {"running": {"f": {"started": 18.01}}})
+    c, f = sweep_progress(spec, folder, rows=None, now=40.0).cells
     assert c.durations == pytest.approx([6.0, 0.98, 6.0]) and c.warm == [False, True, False]
     assert [(t.trial_id, t.warm) for t in c.trials] == [("d", True), ("e", False)]
+    assert [(t.trial_id, t.warm) for t in f.trials] == [("f", True)]

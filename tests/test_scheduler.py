@@ -187,6 +187,31 @@ def test_sweep_wide_cap_runs_one_trial_at_a_time_over_all_cells(ray_2cpu: Path, 
     assert read_progress(sweep_dir(spec), SWEEP_PROGRESS)["slots"] == 1
 
 
+def test_a_sweep_of_per_cell_experiments_is_refused_with_its_rows_kept(ray_2cpu: Path, spaces: Path,
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    """A sweep started by a dmlbench that ran one Tune experiment per cell phase: the new driver says
+    it cannot continue it and starts no trial; the rows written stay where they were."""
+    from dmlbench.errors import ConfigError
+    from dmlbench.orchestrator import sweep
+    from dmlbench.orchestrator.spec import experiment_name
+    from dmlbench.orchestrator.sweepdir import sweep_dir, write_spec
+    from dmlbench.results import store
+    from tests.test_leaderboard_fixtures import make_row
+
+    spec = make_spec(tmp_path / "out", "old")
+    write_spec(spec)
+    old = sweep_dir(spec) / "tune" / experiment_name(spec, spec.cells()[0])
+    old.mkdir(parents=True)
+    (old / "experiment_state-2026-11-01_00-00-00.json").write_text("{}")
+    store.write_row(sweep_dir(spec) / store.ROWS_DIR, make_row("old-row", sweep_id=spec.sweep_id))
+    before = ray_2cpu.read_text() if ray_2cpu.exists() else ""
+    with pytest.raises(ConfigError, match="older dmlbench that ran one Tune experiment per cell phase.*new --name"):
+        sweep.run(spec, train_fn=sleepy_train, echo=lambda s: None)
+    assert (ray_2cpu.read_text() if ray_2cpu.exists() else "") == before  # no trial started
+    df, warnings = store.read_rows(tmp_path / "out")
+    assert warnings == [] and list(df["row_id"]) == ["old-row"]
+
+
 def _wait_for(cond: Any, timeout: float, what: str, said: Any = lambda: "") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,14 @@ from ray import tune
 
 from dmlbench.errors import ConfigError, DmlbenchError, SweepInterrupted
 from dmlbench.orchestrator import cluster, interrupts
-from dmlbench.orchestrator.multiplex import CellSchedulers, CellTrials, SweepSearcher, route
+from dmlbench.orchestrator.multiplex import (
+    CellSchedulers,
+    CellTrials,
+    Limits,
+    SweepSearcher,
+    route,
+    set_limits,
+)
 from dmlbench.orchestrator.planning import (
     asha_rungs,
     cell_base,
@@ -289,11 +299,7 @@ def sweep_parts(spec: SweepSpec) -> list[Part]:
         if st.searched:
             base = cell_base(spec, cell, "search")
             folds: list[int | None] = list(search_folds(spec))
-            stops = group_stops(
-                st.epochs,
-                asha_rungs(st.grace, spec.reduction_factor, st.epochs),
-                spec.checkpoint_every_epochs,
-            )
+            stops = group_stops(st.epochs, asha_rungs(st.grace, spec.reduction_factor, st.epochs), spec.checkpoint_every_epochs)
             # a row of a group stands for its fold models (fold NULL; each model's score is in its metrics)
             sink = RowSink(spec, cell, "search", base, experiment_name(spec, cell), group=len(folds) > 1)
             parts.append(Part(cell, "search", sink, spec.trials, st.epochs,
@@ -441,10 +447,14 @@ def searcher(spec: SweepSpec, parts: list[Part]) -> SweepSearcher:
             search = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
                                   sampler=sampler(spec, cell), study_name=experiment_name(spec, cell))  # fmt: skip
         seeds = final_seeds(spec) if (spec.final_seeds or search is None) else []
-        cells.append(CellTrials(cell.key, cell.slug, search, spec.trials if search is not None else 0,
-                                search_concurrency(spec) or spec.trials or 1, list(seeds),
-                                spec.max_concurrent or max(1, len(seeds))))  # fmt: skip
-    return SweepSearcher(cells, spec.metric, spec.mode, cap=spec.sweep_max_concurrent, sweep_id=spec.sweep_id)
+        cells.append(CellTrials(cell.key, cell.slug, search, spec.trials if search is not None else 0, list(seeds)))
+    return SweepSearcher(cells, spec.metric, spec.mode, limits=limits(spec), sweep_id=spec.sweep_id)
+
+
+def limits(spec: SweepSpec) -> Limits:
+    """Trials in flight at most: ``--sweep-max-concurrent`` over all cells; per cell search
+    ``--max-concurrent`` (1 with ``--reproducible``), per cell final phase ``--max-concurrent``."""
+    return Limits(cap=spec.sweep_max_concurrent, search=search_concurrency(spec), final=spec.max_concurrent)
 
 
 def cell_schedulers(spec: SweepSpec, parts: list[Part]) -> CellSchedulers:
@@ -474,10 +484,28 @@ def _refuse_per_cell_layout(spec: SweepSpec, parts: list[Part]) -> None:
         )
 
 
-def run_sweep(spec: SweepSpec, train_fn: TrainFn | None, outcomes: dict[Cell, CellOutcome]) -> None:
+@contextmanager
+def _pending_trials(slots: int | None) -> Iterator[None]:
+    """Let Tune keep as many trials waiting for a slot as the sweep has slots. Tune's default for a
+    searcher other than its own grid/random one is a single pending trial: it then starts one trial
+    at a time, each only once the previous one got its process, and a sweep on 8 slots ran 4 trials
+    at once (``bench/cluster_utilisation.py``). ``TUNE_MAX_PENDING_TRIALS_PG`` set by the user wins."""
+    if "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+        yield
+        return
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(1, slots or 1))
+    try:
+        yield
+    finally:
+        os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
+
+
+def run_sweep(spec: SweepSpec, train_fn: TrainFn | None, outcomes: dict[Cell, CellOutcome],
+              slots: int | None = None) -> None:  # fmt: skip
     """Run (or restore and continue) the sweep's experiment: every cell's search and final phase
     (:mod:`.multiplex`); every terminal trial ends as a row in its cell's outcome, and each cell's
-    best search trial is picked (:func:`pick_best`).
+    best search trial is picked (:func:`pick_best`). ``slots``: the trials the cluster runs at once
+    (:func:`.scheduler.trial_slots`), as many as Tune keeps waiting for a slot.
 
     Raises :class:`SweepInterrupted` when ``fit`` returned with unfinished trials (Ctrl-C: Tune
     saved its state first) or the sweep was asked to stop (:mod:`.interrupts`); trials interrupted
@@ -504,7 +532,12 @@ def run_sweep(spec: SweepSpec, train_fn: TrainFn | None, outcomes: dict[Cell, Ce
                                         num_samples=sum(p.planned for p in parts), reuse_actors=True),
             run_config=run_config(spec, parts),
         )  # fmt: skip
-    tuner.fit()
+    set_limits(spec.sweep_id, limits(spec))  # this run's limits, also for a restored searcher
+    try:
+        with _pending_trials(slots):
+            tuner.fit()
+    finally:
+        set_limits(spec.sweep_id, None)
     # the experiment state Tune saved when fit returned (public API; the ResultGrid hides statuses)
     trials = tune.ExperimentAnalysis(path).trials
     unfinished = 0

@@ -64,6 +64,29 @@ def _say(sweep_id: str, text: str) -> None:
         q.put(text)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Trials in flight at most: of all cells (``cap``), of a cell's search, of a cell's final phase
+    (None: no limit; a cell phase never has more in flight than it has trials)."""
+
+    cap: int | None = None
+    search: int | None = None
+    final: int | None = None
+
+
+#: by sweep id: the limits of the driver's current run (the spec it was started with), which win
+#: over those a restored searcher was built with, so a changed ``--max-concurrent`` or
+#: ``--sweep-max-concurrent`` applies to a resumed sweep
+_LIMITS: dict[str, Limits] = {}
+
+
+def set_limits(sweep_id: str, limits: Limits | None) -> None:
+    if limits is None:
+        _LIMITS.pop(sweep_id, None)
+    else:
+        _LIMITS[sweep_id] = limits
+
+
 @dataclass
 class CellTrials:
     """One cell's trials and where they stand (plain data and the cell's searcher).
@@ -74,18 +97,14 @@ class CellTrials:
         search: the cell's searcher; None for a cell that is not searched (the paper protocol trains
             its recipe: its final phase starts at once, with no params).
         trials: search trials planned.
-        search_limit: search trials of the cell in flight at most.
         seeds: the final phase's seeds (empty: no final phase).
-        final_limit: final trials of the cell in flight at most.
     """
 
     key: str
     slug: str
     search: Searcher | None
     trials: int
-    search_limit: int
     seeds: list[int]
-    final_limit: int
     suggested: dict[str, int] = field(default_factory=lambda: {SEARCH: 0, FINAL: 0})
     ended: dict[str, int] = field(default_factory=lambda: {SEARCH: 0, FINAL: 0})
     #: the best complete search trial so far: its score and params
@@ -112,10 +131,10 @@ class CellTrials:
     def in_flight(self, phase: str) -> int:
         return self.suggested[phase] - self.ended[phase]
 
-    def next_trial(self, trial_id: str) -> tuple[str, dict[str, Any]] | None:
+    def next_trial(self, trial_id: str, limits: Limits) -> tuple[str, dict[str, Any]] | None:
         """The cell's next trial (phase, config), or None when it has none to start now."""
         if self.search is not None and self.suggested[SEARCH] < self.trials:
-            if self.in_flight(SEARCH) >= self.search_limit:
+            if limits.search is not None and self.in_flight(SEARCH) >= limits.search:
                 return None
             config = self.search.suggest(trial_id)
             if not isinstance(config, dict):
@@ -123,11 +142,9 @@ class CellTrials:
             self.suggested[SEARCH] += 1
             return SEARCH, config
         params = self.final_params()  # waits for the cell's last search trial to end
-        if (
-            params is None
-            or self.suggested[FINAL] >= len(self.seeds)
-            or self.in_flight(FINAL) >= self.final_limit
-        ):
+        if params is None or self.suggested[FINAL] >= len(self.seeds):
+            return None
+        if limits.final is not None and self.in_flight(FINAL) >= limits.final:
             return None
         seed = self.seeds[self.suggested[FINAL]]
         self.suggested[FINAL] += 1
@@ -141,35 +158,32 @@ class SweepSearcher(Searcher):
     Args:
         cells: the cells' trials, in the sweep's cell order.
         metric, mode: the validation metric the cells' searchers read (Tune checks reports for it).
-        cap: trials of all cells in flight at most (``--sweep-max-concurrent``; None: no cap).
-        sweep_id: whose news it tells (:func:`news`).
+        limits: trials in flight at most; those set for the sweep's id by :func:`set_limits` win.
+        sweep_id: the sweep (its news, :func:`news`, and its limits).
     """
 
-    def __init__(
-        self, cells: list[CellTrials], metric: str, mode: str, cap: int | None = None, sweep_id: str = ""
-    ):
+    def __init__(self, cells: list[CellTrials], metric: str, mode: str, limits: Limits = Limits(), sweep_id: str = ""):
         super().__init__(metric=metric, mode=mode)
         self.sweep_id = sweep_id
         self.cells = {c.slug: c for c in cells}
         self.order = [c.slug for c in cells]
-        self.cap = cap
+        self.limits = limits
         self.routes: dict[str, tuple[str, str]] = {}  # trial id -> (cell slug, phase)
         self.live: set[str] = set()  # suggested, not yet ended
         self.configs: dict[str, dict[str, Any]] = {}  # search trials in flight: the params they got
         self.turn = 0  # the cell asked first next time
 
-    def set_search_properties(
-        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
-    ) -> bool:
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any) -> bool:
         return True  # every cell's searcher was built with the sweep's metric and mode
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.cap is not None and len(self.live) >= self.cap:
+        limits = _LIMITS.get(self.sweep_id, self.limits)
+        if limits.cap is not None and len(self.live) >= limits.cap:
             return None
         n = len(self.order)
         for i in range(n):
             slug = self.order[(self.turn + i) % n]
-            got = self.cells[slug].next_trial(trial_id)
+            got = self.cells[slug].next_trial(trial_id, limits)
             if got is None:
                 continue
             phase, config = got
@@ -187,9 +201,7 @@ class SweepSearcher(Searcher):
         if cell is not None and phase == SEARCH and cell.search is not None:
             cell.search.on_trial_result(trial_id, result)
 
-    def on_trial_complete(
-        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
-    ) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if trial_id not in self.live:
             return  # told twice, or not ours
         self.live.discard(trial_id)

@@ -80,7 +80,8 @@ def run_cells(
     stop = stop if stop is not None else threading.Event()
     outcomes = {cell: CellOutcome(cell) for cell in cells}
     folder = sweep_dir(spec)
-    write_progress(folder, SWEEP_PROGRESS, {"slots": trial_slots(spec), "started": time.time(), "cells": len(cells),
+    slots = trial_slots(spec)
+    write_progress(folder, SWEEP_PROGRESS, {"slots": slots, "started": time.time(), "cells": len(cells),
                                             "setup_s": setup_s})  # fmt: skip
     view = LiveView(spec, folder, echo, interactive)
     lock = threading.Lock()
@@ -94,7 +95,7 @@ def run_cells(
     multiplex.open_news(spec.sweep_id)
     try:
         with stop_on(spec.sweep_id, stop), ThreadPoolExecutor(1, thread_name_prefix="sweep") as pool:
-            future: Future[None] = pool.submit(run_sweep, spec, train_fn, outcomes)
+            future: Future[None] = pool.submit(run_sweep, spec, train_fn, outcomes, slots)
             while True:
                 try:
                     wait([future], timeout=REFRESH_S)

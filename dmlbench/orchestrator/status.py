@@ -5,24 +5,23 @@ files the driver keeps (:func:`dmlbench.orchestrator.sweepdir.write_progress`): 
 running trials (epoch, latest validation metric) and the start/end of each ended trial; for the
 sweep its trial slots (what the cluster can run at once) and start time.
 
-ETA (:func:`eta_seconds`), from measured trial times only. Tune reuses a trial's process for the
-experiment's next trial, so a trial either starts cold (a new process: imports, set-up, seconds) or
-warm (right where an ended trial of its experiment left off); the measured start cost is the mean
-cold trial time minus the mean warm one of the cell phases that have both. Each cell phase's expected
-trial time is the mean of its ended trials' times without that start (else of ended trials of the
-same phase in other cells; a final phase before any final trial ended uses the longest ended search
-trial of its cell, since final trials are never pruned, scaled by the models each trains: a final
-seed trains every fold model). Remaining work = the expected rest of every running trial (a cold
-one also its start) + pending trials × their expected time + the process starts still to come (none
-for an experiment that runs: it hands its processes on; for one not started, as many as experiments
-of its phase started on average). ETA = remaining work ÷ (slots × the busy fraction measured so
+ETA (:func:`eta_seconds`), from measured trial times only. A sweep is one Tune experiment, and Tune
+hands an ended trial's process to the next trial of any cell, so a trial either starts cold (a new
+process: imports, set-up, seconds) or warm (right where an ended trial of the sweep left off); the
+measured start cost is the mean cold trial time minus the mean warm one of the cell phases that have
+both. Each cell phase's expected trial time is the mean of its ended trials' times without that start
+(else of ended trials of the same phase in other cells; a final phase before any final trial ended
+uses the longest ended search trial of its cell, since final trials are never pruned, scaled by the
+models each trains: a final seed trains every fold model). Remaining work = the expected rest of
+every running trial (a cold one also its start) + pending trials × their expected time + the process
+starts still to come (the processes the sweep will run at once, its slots or fewer when fewer trials
+are left, less those it has started). ETA = remaining work ÷ (slots × the busy fraction measured so
 far), but never less than the longest chain that cannot run in parallel (a running trial's rest; a
-cell still searching, then its final phase), where every experiment in the chain also costs its
-measured wrap-up (last trial end → ``fit`` returned); a running trial past its expected time is
-expected to run as long as the measured trials that ran longer. The driver's own wrap-up after the
-last trial (leaderboard, Ray shutdown) is counted as half its measured set-up before the first
-experiment (Ray start or join), the one comparable cost it has measured by then
-(:data:`WRAPUP_PER_SETUP`).
+cell still searching, then its final phase) plus the experiment's measured wrap-up (last trial end →
+``fit`` returned); a running trial past its expected time is expected to run as long as the measured
+trials that ran longer. The driver's own wrap-up after the last trial (leaderboard, Ray shutdown) is
+counted as half its measured set-up before the experiment (Ray start or join), the one comparable
+cost it has measured by then (:data:`WRAPUP_PER_SETUP`).
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ from dmlbench.results import schema, store
 PLAIN_PERIOD_S = 30.0
 #: seconds of sweep history before the measured busy fraction is used (1 before)
 BUSY_MIN_HISTORY_S = 5.0
-#: a trial that starts at most this long after another trial of its experiment ended reused its process
+#: a trial that starts at most this long after another trial of the sweep ended reused its process
 WARM_GAP_S = 0.5
 #: the driver's wrap-up after the last trial (leaderboard, ``ray.shutdown``) as a share of its
 #: measured set-up (Ray start or join): stopping a local Ray is quicker than starting it. Measured on
@@ -62,7 +61,7 @@ class RunningTrial:
     epoch: int
     budget: int
     metric: float | None
-    #: whether it started on a process its experiment's previous trial left (Tune reuses it), so
+    #: whether it started on a process an ended trial of the sweep left (Tune reuses it), so
     #: without the process start-up a new one costs
     warm: bool = False
 
@@ -81,7 +80,8 @@ class CellStatus:
     durations: list[float] = field(default_factory=list)
     trials: list[RunningTrial] = field(default_factory=list)
     best: float | None = None
-    #: when the experiment's ``fit`` returned, and its last trial's end (driver clock; None when not yet)
+    #: when the sweep's experiment ``fit`` returned, and this cell phase's last trial's end (driver
+    #: clock; None when not yet)
     closed: float | None = None
     last_end: float | None = None
     #: models one trial trains (search: the search folds; final: the fold models, or 1)
@@ -141,6 +141,10 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
     from dmlbench.orchestrator.planning import cell_settings, search_folds
 
     n_search = len(search_folds(spec))
+    # every trial end of the sweep: a trial that starts as any of them ends took over its process
+    sweep_ends = [float(e["ended"]) for cell in spec.cells() for phase in ("search", "final")
+                  for e in (read_progress(folder, experiment_name(spec, cell, phase)).get("ended") or {}).values()
+                  if isinstance(e, dict) and _num(e.get("ended"))]  # fmt: skip
     for cell in spec.cells():
         n_final = spec.folds if cell_settings(spec, cell).fold_models else 1
         search_done_without_complete = False
@@ -177,7 +181,7 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
             ends = [b for _, b in spans]
             trials = [RunningTrial(cell.key, phase, tid, float(t.get("started") or now), int(t.get("epoch") or 0),
                                    budget, t.get("metric") if _num(t.get("metric")) else None,
-                                   warm=_warm(float(t.get("started") or now), ends))
+                                   warm=_warm(float(t.get("started") or now), sweep_ends))
                       for tid, t in sorted(running.items())]  # fmt: skip
             done = len(statuses)
             scores = [v for v in values if _num(v)] + [t.metric for t in trials if t.metric is not None]
@@ -189,7 +193,7 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
                                     durations or walls, trials, best,
                                     closed=_time(prog.get("closed")), last_end=max(ends, default=None),
                                     models=n_search if phase == "search" else n_final,
-                                    warm=[_warm(a, ends) for a, _ in spans] if durations else []))  # fmt: skip
+                                    warm=[_warm(a, sweep_ends) for a, _ in spans] if durations else []))  # fmt: skip
             if phase == "search":
                 search_done_without_complete = done >= planned and counts["complete"] == 0
     slots = sweep.get("slots")
@@ -219,8 +223,8 @@ def progress_of(results_dir: Path) -> list[SweepProgress]:
 
 
 def _warm(started: float, ends: list[float]) -> bool:
-    """Whether a trial that started at ``started`` took over the process of a trial of its
-    experiment that ended just before (Tune's actor reuse starts the next trial within tens of ms;
+    """Whether a trial that started at ``started`` took over the process of a trial of the sweep
+    that ended just before (Tune's actor reuse starts the next trial within tens of ms;
     a new process takes seconds to start)."""
     return any(0.0 <= started - e <= WARM_GAP_S for e in ends)
 
@@ -285,15 +289,15 @@ def _expected(c: CellStatus, cells: list[CellStatus], start: float = 0.0) -> flo
     return statistics.mean(anything) if anything else None
 
 
-def _cold_starts(c: CellStatus, cells: list[CellStatus]) -> float:
-    """Processes the cell phase's pending trials are expected to start: none once its experiment
-    runs (Tune hands its next trials the processes of its ended ones), else as many as the
-    experiments of the same phase that ended started, on average (1 before any ended)."""
-    if c.durations or c.trials:
-        return 0.0
-    done = [o.warm.count(False) for o in cells
-            if o.phase == c.phase and o.warm and len(o.warm) == len(o.durations) and not (o.pending or o.trials)]  # fmt: skip
-    return min(float(c.pending), statistics.mean(done)) if done else min(float(c.pending), 1.0)
+def _starts_to_come(cells: list[CellStatus], slots: int | None) -> float:
+    """Processes the sweep is expected to start still: as many as it will run at once (its slots, or
+    the trials left if fewer) less those it started (its cold trials); each ended trial's process
+    is handed to the next trial of any cell."""
+    left = sum(c.pending + len(c.trials) for c in cells)
+    started = sum(c.warm.count(False) if len(c.warm) == len(c.durations) else len(c.durations) for c in cells)
+    started += sum(1 for c in cells for t in c.trials if not t.warm)
+    at_once = min(slots, left) if slots else left
+    return float(max(0, at_once - started))
 
 
 def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: float | None = None,
@@ -306,7 +310,8 @@ def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: floa
     if not any(c.pending or c.trials for c in cells):
         return wrapup  # every trial ended: the driver's wrap-up is left (0 once it ended)
     start = _start_cost(cells)
-    work = 0.0
+    to_come = _starts_to_come(cells, slots)
+    work = to_come * start
     chain = 0.0
     for c in cells:
         exp = _expected(c, cells, start)
@@ -315,16 +320,16 @@ def eta_seconds(cells: list[CellStatus], slots: int | None = None, started: floa
                 return None
             continue
         rests = [_rest(now - t.started, exp + (0.0 if t.warm else start), c.durations) for t in c.trials]
-        work += sum(rests) + c.pending * exp + _cold_starts(c, cells) * start
+        work += sum(rests) + c.pending * exp
         if not (c.pending or c.trials):
             continue
-        tail = max(rests, default=0.0) if c.trials else exp + start
-        tail += closing
+        # a cell phase not running yet starts on a new process only while the sweep starts some
+        tail = max(rests, default=0.0) if c.trials else exp + (start if to_come else 0.0)
         if c.phase == "search":
             final = next((f for f in cells if f.cell == c.cell and f.phase == "final"), None)
             if final is not None and final.planned:
-                tail += (_expected(final, cells, start) or 0.0) + start + closing
-        chain = max(chain, tail)
+                tail += _expected(final, cells, start) or 0.0  # on a process an ended trial leaves
+        chain = max(chain, tail + closing)
     running_now = sum(len(c.trials) for c in cells)
     capacity = float(slots) if slots else float(max(1, running_now))
     capacity *= _busy_fraction(cells, capacity, started, now)
@@ -342,12 +347,15 @@ def _rest(elapsed: float, expected: float, durations: list[float]) -> float:
 
 
 def _closing_lag(cells: list[CellStatus]) -> float:
-    """Measured mean wrap-up of the experiments that closed (last trial end to ``fit`` returned:
-    Tune's clean-up, the rows); 0 until one closed. (Their start-up is not measurable apart from
-    the wait for a free slot, which the busy fraction already counts.)"""
-    closing = [c.closed - c.last_end for c in cells
-               if c.closed is not None and c.last_end is not None and c.closed >= c.last_end]  # fmt: skip
-    return statistics.mean(closing) if closing else 0.0
+    """Measured wrap-up of the sweep's experiment (its last trial's end to ``fit`` returned: Tune's
+    clean-up, the rows), from a run of the driver that got that far (a resumed sweep); 0 until then.
+    (Its start-up is not measurable apart from the wait for a free slot, which the busy fraction
+    already counts.)"""
+    closed = [c.closed for c in cells if c.closed is not None]
+    ends = [c.last_end for c in cells if c.last_end is not None]
+    if not closed or not ends or max(closed) < max(ends):
+        return 0.0
+    return max(closed) - max(ends)
 
 
 def _busy_fraction(cells: list[CellStatus], capacity: float, started: float | None, now: float) -> float:

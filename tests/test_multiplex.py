@@ -1,0 +1,231 @@
+"""Every cell's trials as one Tune searcher and one trial scheduler (``orchestrator.multiplex``),
+without Ray: each cell's searcher sees only its own trials, a cell's final phase starts after its own
+search with its best complete trial's params, the per-cell and sweep-wide caps, the state saved and
+restored mid-sweep, and each cell's search trials going to that cell's ASHA only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from dmlbench.orchestrator import multiplex
+from dmlbench.orchestrator.multiplex import CellSchedulers, CellTrials, Limits, SweepSearcher
+from dmlbench.orchestrator.trainable import CELL_KEY, PHASE_KEY, STATUS_KEY, SUMMARY_KEY
+
+
+class Counting(Searcher):
+    """Suggests {"i": n} for its n-th suggestion; records the trials it was told about."""
+
+    def __init__(self) -> None:
+        super().__init__(metric="m", mode="max")
+        self.n = 0
+        self.results: list[str] = []
+        self.completed: list[str] = []
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        self.n += 1
+        return {"i": self.n}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self.results.append(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self.completed.append(trial_id)
+
+
+def complete(score: float) -> dict[str, Any]:
+    """The last report of a search trial that ran to its end (what the trainable reports)."""
+    return {"m": score, STATUS_KEY: "complete", SUMMARY_KEY: json.dumps({"metrics": {"m": score}})}
+
+
+def cell(key: str, trials: int = 2, seeds: tuple[int, ...] = (7, 8), searched: bool = True) -> CellTrials:
+    return CellTrials(key, key, Counting() if searched else None, trials if searched else 0, list(seeds))
+
+
+def take(s: SweepSearcher, trial_id: str) -> tuple[str, str, dict[str, Any]] | None | str:
+    """(cell, phase, params) of the next suggestion; None or FINISHED as the searcher said."""
+    got = s.suggest(trial_id)
+    if not isinstance(got, dict):
+        return got
+    params = {k: v for k, v in got.items() if k not in (CELL_KEY, PHASE_KEY)}
+    return got[CELL_KEY], got[PHASE_KEY], params
+
+
+def test_each_cell_searches_on_its_own_and_its_final_phase_follows_its_own_search() -> None:
+    s = SweepSearcher([cell("a"), cell("b")], "m", "max")
+    # cells take turns
+    assert take(s, "t1") == ("a", "search", {"i": 1})
+    assert take(s, "t2") == ("b", "search", {"i": 1})
+    assert take(s, "t3") == ("a", "search", {"i": 2})
+    assert take(s, "t4") == ("b", "search", {"i": 2})
+    assert take(s, "t5") is None  # every search trial is out; no final phase before a search ends
+    s.on_trial_result("t1", {"m": 0.1})
+    s.on_trial_complete("t1", complete(0.3))
+    assert take(s, "t5") is None  # a's search still has t3 running
+    s.on_trial_complete("t3", complete(0.6))
+    # each cell's searcher heard of its own trials only
+    a, b = s.cells["a"].search, s.cells["b"].search
+    assert a.results == ["t1"] and a.completed == ["t1", "t3"] and b.completed == []
+    # a's final phase: its best complete trial's params with each seed, while b still searches
+    assert take(s, "t5") == ("a", "final", {"i": 2, "seed": 7})
+    assert take(s, "t6") == ("a", "final", {"i": 2, "seed": 8})
+    assert take(s, "t7") is None
+    assert s.cells["a"].best_score == 0.6
+    for t, score in (("t2", 0.5), ("t4", 0.4)):
+        s.on_trial_complete(t, complete(score))
+    assert take(s, "t7") == ("b", "final", {"i": 1, "seed": 7})
+    assert take(s, "t8") == ("b", "final", {"i": 1, "seed": 8})
+    for t in ("t5", "t6", "t7"):
+        s.on_trial_complete(t, {"m": 0.5})
+    assert take(s, "t9") is None  # t8 still runs
+    s.on_trial_complete("t8", {"m": 0.5})
+    s.on_trial_complete("t8", {"m": 0.5})  # told twice: counted once
+    assert take(s, "t9") == Searcher.FINISHED
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])
+def test_best_is_the_best_complete_trial_pruned_and_errored_ones_never(mode: str) -> None:
+    s = SweepSearcher([cell("a", trials=4)], "m", mode)
+    for t in ("t1", "t2", "t3", "t4"):
+        take(s, t)
+    s.on_trial_complete("t1", complete(0.5))  # {"i": 1}
+    s.on_trial_complete("t2", {"m": 0.9 if mode == "max" else 0.1})  # pruned by ASHA: no final report
+    s.on_trial_complete("t3", error=True)
+    s.on_trial_complete("t4", complete(0.4))  # {"i": 4}
+    assert take(s, "t5") == ("a", "final", {"i": 1 if mode == "max" else 4, "seed": 7})
+
+
+def test_a_cell_without_a_complete_search_trial_skips_its_final_phase(tmp_path: Path) -> None:
+    multiplex.open_news("sw")
+    try:
+        s = SweepSearcher([cell("a"), cell("b", trials=1)], "m", "max", sweep_id="sw")
+        assert [take(s, t)[:2] for t in ("t1", "t2", "t3")] == [("a", "search"), ("b", "search"), ("a", "search")]
+        s.on_trial_complete("t1", error=True)
+        s.on_trial_complete("t3", {"m": 0.2})  # pruned
+        s.on_trial_complete("t2", complete(0.1))
+        assert take(s, "t4") == ("b", "final", {"i": 1, "seed": 7})
+        assert take(s, "t5") == ("b", "final", {"i": 1, "seed": 8})
+        assert take(s, "t6") is None
+        s.on_trial_complete("t4", {})
+        s.on_trial_complete("t5", {})
+        assert take(s, "t6") == Searcher.FINISHED
+        assert multiplex.news("sw") == [
+            "no complete search trial in a: final phase skipped", "done a",
+            "final b: best val m=0.1000, 2 seed(s)", "done b",
+        ]  # fmt: skip
+        assert multiplex.news("sw") == []
+    finally:
+        multiplex.close_news("sw")
+
+
+def test_per_cell_limits() -> None:
+    s = SweepSearcher([cell("a", trials=1), cell("b", trials=3)], "m", "max", Limits(search=2, final=1))
+    assert [take(s, t)[:2] for t in ("t1", "t2", "t3")] == [("a", "search"), ("b", "search"), ("b", "search")]
+    assert take(s, "t4") is None  # b has 2 search trials in flight; a's search waits for t1
+    s.on_trial_complete("t2", complete(0.1))
+    assert take(s, "t4") == ("b", "search", {"i": 3})
+    s.on_trial_complete("t1", complete(0.2))
+    assert take(s, "t5") == ("a", "final", {"i": 1, "seed": 7})
+    assert take(s, "t6") is None  # a's final phase: 1 at a time; b still searches
+    for t in ("t3", "t4"):
+        s.on_trial_complete(t, complete(0.3))
+    assert take(s, "t6") == ("b", "final", {"i": 2, "seed": 7})
+    assert take(s, "t7") is None
+    s.on_trial_complete("t5", {})
+    assert take(s, "t7") == ("a", "final", {"i": 1, "seed": 8})
+
+
+def test_the_sweep_wide_cap_and_the_driver_s_current_limits_win() -> None:
+    s = SweepSearcher([cell("a", trials=3), cell("b", trials=3)], "m", "max", Limits(cap=2), sweep_id="sw")
+    assert [take(s, t)[:2] for t in ("t1", "t2")] == [("a", "search"), ("b", "search")]
+    assert take(s, "t3") is None  # 2 in flight over all cells
+    multiplex.set_limits("sw", Limits(cap=3))  # a resumed driver with --sweep-max-concurrent 3
+    try:
+        assert take(s, "t3") == ("a", "search", {"i": 2})
+        assert take(s, "t4") is None
+    finally:
+        multiplex.set_limits("sw", None)
+    s.on_trial_complete("t1", complete(0.1))
+    s.on_trial_complete("t2", complete(0.1))
+    assert take(s, "t4") == ("b", "search", {"i": 2})
+    assert take(s, "t5") is None  # back to the searcher's own cap: t3, t4
+
+
+def test_a_cell_the_protocol_does_not_search_starts_its_final_phase_at_once() -> None:
+    s = SweepSearcher([cell("recipe", searched=False), cell("b", trials=1, seeds=())], "m", "max")
+    assert take(s, "t1") == ("recipe", "final", {"seed": 7})
+    assert take(s, "t2") == ("b", "search", {"i": 1})
+    assert take(s, "t3") == ("recipe", "final", {"seed": 8})
+    for t in ("t1", "t2", "t3"):
+        s.on_trial_complete(t, complete(0.5))
+    assert take(s, "t4") == Searcher.FINISHED  # b has no final seeds
+
+
+def test_saved_state_continues_the_sweep_exactly(tmp_path: Path) -> None:
+    def fresh() -> SweepSearcher:
+        return SweepSearcher([cell("a", trials=3), cell("b", trials=2)], "m", "max", Limits(cap=4))
+
+    def drive(s: SweepSearcher, start: int, stop: int) -> list[Any]:
+        out = []
+        for i in range(start, stop):
+            got = take(s, f"t{i}")
+            out.append(got)
+            if isinstance(got, tuple) and i % 2:
+                s.on_trial_complete(f"t{i}", complete(i / 100))
+            if i % 3 == 0:  # some trials end later, in a fixed order
+                for t in sorted(s.live)[:1]:
+                    s.on_trial_complete(t, complete(int(t[1:]) / 100))
+        return out
+
+    whole = fresh()
+    expected = drive(whole, 1, 20)
+    first = fresh()
+    head = drive(first, 1, 7)
+    first.save(str(tmp_path / "state.pkl"))
+    restored = fresh()
+    restored.restore(str(tmp_path / "state.pkl"))
+    assert head + drive(restored, 7, 20) == expected
+    assert expected[-1] == Searcher.FINISHED and restored.cells["a"].search.n == 3
+
+
+class Recording(TrialScheduler):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.calls.append(("add", trial.trial_id))
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        self.calls.append(("result", trial.trial_id))
+        return TrialScheduler.STOP
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        self.calls.append(("complete", trial.trial_id))
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self.calls.append(("remove", trial.trial_id))
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self.calls.append(("error", trial.trial_id))
+
+
+def test_each_cells_search_trials_go_to_its_own_scheduler_and_final_trials_run_to_their_end() -> None:
+    a, b = Recording(), Recording()
+    sched = CellSchedulers({"a": a, "b": b})
+    trials = {t: SimpleNamespace(trial_id=t, config={CELL_KEY: c, PHASE_KEY: ph, "x": 1})
+              for t, c, ph in (("a1", "a", "search"), ("b1", "b", "search"), ("a2", "a", "final"))}  # fmt: skip
+    for t in trials.values():
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, trials["a1"], {}) == TrialScheduler.STOP
+    assert sched.on_trial_result(None, trials["a2"], {}) == TrialScheduler.CONTINUE  # final: never stopped
+    sched.on_trial_complete(None, trials["b1"], {})
+    sched.on_trial_error(None, trials["a1"])
+    sched.on_trial_remove(None, trials["a2"])
+    assert a.calls == [("add", "a1"), ("result", "a1"), ("error", "a1")]
+    assert b.calls == [("add", "b1"), ("complete", "b1")]
