@@ -8,9 +8,9 @@ trial's train function only sleeps (``--trial-s`` seconds over ``--epochs`` epoc
 final seed's two fold models sleep half each, so it is one trial's work too), so
 the work is known exactly: utilisation = trial work / (slots × wall time). The orders run in this
 process, one after the other, on the same Ray; the sequential order is the same machinery with the
-cells run one at a time (``scheduler.run_cell`` in a loop), which is what the sweep did before; the
-``tune`` order is the peer that bounds them: the same number of trials of the same work as one plain
-Tune experiment, whose trial processes are reused for the whole run.
+cells run one at a time (each cell a sweep of its own, in a loop), the order of the first dmlbench;
+the ``tune`` order is the peer that bounds them: the same number of trials of the same work as one
+plain Tune experiment of Tune's own grid search, whose trial processes are reused for the whole run.
 
     python bench/cluster_utilisation.py --slots 8 --trials 8 --final-seeds 3 --trial-s 10
 """

@@ -3,13 +3,13 @@
 On its own, Ray Tune handles SIGINT per experiment: the experiment running in the main thread stops
 gracefully (a final save of the experiment state, in which the running trials stay unfinished, so a
 rerun continues them from their last checkpoint) and ``Tuner.fit`` returns, after which a driver
-would go on to the next cell. This module turns the first Ctrl-C into a stop of the *sweep*:
+would go on to whatever comes next. This module turns the first Ctrl-C into a stop of the *sweep*:
 
 * :func:`handling` (entered by the sweep driver, main thread) installs the sweep's SIGINT handler.
-  Outside a Tune experiment (joining the cluster, between cells, writing the leaderboard) the first
+  Outside a Tune experiment (joining the cluster, writing the leaderboard) the first
   Ctrl-C records the stop request (:func:`requested`) and raises ``KeyboardInterrupt`` where the
   driver is; any later one ends the process at once with exit status 130 (what was saved stays).
-* :class:`StopCallback` (every experiment of the sweep gets one) chains onto Tune's own SIGINT
+* :class:`StopCallback` (the sweep's experiment gets one) chains onto Tune's own SIGINT
   handler when the experiment runs in the main thread: the first Ctrl-C records the request and lets
   Tune stop gracefully, and Tune then puts the sweep's handler back, so the second Ctrl-C exits at
   once. An experiment running in another thread (Tune installs no handler there), or whose sweep's
@@ -19,8 +19,8 @@ would go on to the next cell. This module turns the first Ctrl-C into a stop of 
   every trial that ended as ended (or after :data:`STATE_WAIT_S`), else a trial that ended just
   before the stop would run again.
 
-Callers check :func:`raise_if_requested` before starting new work (an experiment, a cell's final
-phase), so nothing new starts after the first Ctrl-C, whatever the scheduler.
+Callers check :func:`raise_if_requested` before starting new work (the experiment), so nothing new
+starts after the first Ctrl-C, whatever the scheduler.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ _STOPS: dict[str, threading.Event] = {}
 
 @contextmanager
 def stop_on(sweep_id: str, event: threading.Event) -> Iterator[None]:
-    """While inside, setting ``event`` stops every experiment of the sweep (a scheduler running cells
-    side by side: each experiment's :class:`StopCallback` ends it, its state saved)."""
+    """While inside, setting ``event`` stops the sweep's experiment (run in a driver thread: its
+    :class:`StopCallback` ends it, its state saved)."""
     _STOPS[sweep_id] = event
     try:
         yield

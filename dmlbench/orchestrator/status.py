@@ -1,7 +1,7 @@
 """Progress of a sweep: ``dmlbench status``, the live view of a running sweep, and their shared ETA.
 
 Sources, all under the sweep folder: the row files (done trials, the truth), and the progress
-files the driver keeps (:func:`dmlbench.orchestrator.sweepdir.write_progress`): per experiment its
+files the driver keeps (:func:`dmlbench.orchestrator.sweepdir.write_progress`): per cell phase its
 running trials (epoch, latest validation metric) and the start/end of each ended trial; for the
 sweep its trial slots (what the cluster can run at once) and start time.
 

@@ -17,7 +17,7 @@ from dmlbench.orchestrator.spec import SweepSpec
 
 SPEC_FILE = "sweep.json"
 PROGRESS_DIR = "progress"
-#: name of the sweep-wide progress file (experiment files are named after their experiment)
+#: name of the sweep-wide progress file (cell phase files are named after the phase's study)
 SWEEP_PROGRESS = "_sweep"
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,9 @@ def write_spec(spec: SweepSpec) -> None:
 def write_progress(sweep_path: Path, name: str, state: dict[str, Any]) -> None:
     """Atomically write ``progress/<name>.json``: ``state`` (JSON values) plus the time it was written.
 
-    Per experiment (by :class:`~dmlbench.orchestrator.experiment.RowCallback`): cell, phase, planned
+    Per cell phase (by :class:`~dmlbench.orchestrator.experiment.RowCallback`): cell, phase, planned
     trials, epoch budget, running trials (``{id: {started, epoch, metric}}``) and ended ones
-    (``{id: {started, ended, status, metric}}``) and, once its ``fit`` returned, when (``closed``);
+    (``{id: {started, ended, status, metric}}``) and, once the sweep's ``fit`` returned, when (``closed``);
     times on the driver's clock. :data:`SWEEP_PROGRESS` (by the scheduler): the sweep's trial slots,
     start time and the seconds the driver took to start or join Ray; ``ended`` once the driver's
     run ended (by ``sweep.run``).
