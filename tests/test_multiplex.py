@@ -58,35 +58,41 @@ def take(s: SweepSearcher, trial_id: str) -> tuple[str, str, dict[str, Any]] | N
 
 
 def test_each_cell_searches_on_its_own_and_its_final_phase_follows_its_own_search() -> None:
-    s = SweepSearcher([cell("a"), cell("b")], "m", "max")
+    s = SweepSearcher([cell("a"), cell("b"), cell("c", trials=4)], "m", "max", Limits(search=2))
     # cells take turns
-    assert take(s, "t1") == ("a", "search", {"i": 1})
-    assert take(s, "t2") == ("b", "search", {"i": 1})
-    assert take(s, "t3") == ("a", "search", {"i": 2})
-    assert take(s, "t4") == ("b", "search", {"i": 2})
-    assert take(s, "t5") is None  # every search trial is out; no final phase before a search ends
+    got = [take(s, f"t{i}") for i in range(1, 7)]
+    assert got == [("a", "search", {"i": 1}), ("b", "search", {"i": 1}), ("c", "search", {"i": 1}),
+                   ("a", "search", {"i": 2}), ("b", "search", {"i": 2}), ("c", "search", {"i": 2})]  # fmt: skip
+    assert take(s, "t7") is None  # a and b gave all their search trials, c has 2 in flight
     s.on_trial_result("t1", {"m": 0.1})
     s.on_trial_complete("t1", complete(0.3))
-    assert take(s, "t5") is None  # a's search still has t3 running
-    s.on_trial_complete("t3", complete(0.6))
+    assert take(s, "t7") is None  # no final phase before a's search ended: t4 runs
+    s.on_trial_complete("t3", complete(0.5))
+    assert take(s, "t7") == ("c", "search", {"i": 3})
+    s.on_trial_complete("t4", complete(0.6))
+    s.on_trial_complete("t6", complete(0.5))
     # each cell's searcher heard of its own trials only
-    a, b = s.cells["a"].search, s.cells["b"].search
-    assert a.results == ["t1"] and a.completed == ["t1", "t3"] and b.completed == []
-    # a's final phase: its best complete trial's params with each seed, while b still searches
-    assert take(s, "t5") == ("a", "final", {"i": 2, "seed": 7})
-    assert take(s, "t6") == ("a", "final", {"i": 2, "seed": 8})
-    assert take(s, "t7") is None
-    assert s.cells["a"].best_score == 0.6
-    for t, score in (("t2", 0.5), ("t4", 0.4)):
+    a, b, c = (s.cells[k].search for k in "abc")
+    assert a.results == ["t1"] and a.completed == ["t1", "t4"] and b.completed == [] and c.completed == ["t3", "t6"]
+    # a's final phase (its best complete trial's params with each seed) goes before c's next search trial
+    assert take(s, "t8") == ("a", "final", {"i": 2, "seed": 7})
+    assert take(s, "t9") == ("a", "final", {"i": 2, "seed": 8})
+    assert take(s, "t10") == ("c", "search", {"i": 4})
+    assert take(s, "t11") is None and s.cells["a"].best_score == 0.6
+    for t, score in (("t2", 0.5), ("t5", 0.4)):
         s.on_trial_complete(t, complete(score))
-    assert take(s, "t7") == ("b", "final", {"i": 1, "seed": 7})
-    assert take(s, "t8") == ("b", "final", {"i": 1, "seed": 8})
-    for t in ("t5", "t6", "t7"):
+    assert take(s, "t11") == ("b", "final", {"i": 1, "seed": 7})
+    assert take(s, "t12") == ("b", "final", {"i": 1, "seed": 8})
+    for t in ("t7", "t10"):
+        s.on_trial_complete(t, complete(0.1))
+    assert [take(s, t) for t in ("t13", "t14", "t15")] == [("c", "final", {"i": 1, "seed": 7}),
+                                                           ("c", "final", {"i": 1, "seed": 8}), None]  # fmt: skip
+    for t in ("t8", "t9", "t11", "t12", "t13"):
         s.on_trial_complete(t, {"m": 0.5})
-    assert take(s, "t9") is None  # t8 still runs
-    s.on_trial_complete("t8", {"m": 0.5})
-    s.on_trial_complete("t8", {"m": 0.5})  # told twice: counted once
-    assert take(s, "t9") == Searcher.FINISHED
+    assert take(s, "t15") is None  # t14 still runs
+    s.on_trial_complete("t14", {"m": 0.5})
+    s.on_trial_complete("t14", {"m": 0.5})  # told twice: counted once
+    assert take(s, "t15") == Searcher.FINISHED
 
 
 @pytest.mark.parametrize("mode", ["max", "min"])
@@ -160,8 +166,8 @@ def test_the_sweep_wide_cap_and_the_driver_s_current_limits_win() -> None:
 def test_a_cell_the_protocol_does_not_search_starts_its_final_phase_at_once() -> None:
     s = SweepSearcher([cell("recipe", searched=False), cell("b", trials=1, seeds=())], "m", "max")
     assert take(s, "t1") == ("recipe", "final", {"seed": 7})
-    assert take(s, "t2") == ("b", "search", {"i": 1})
-    assert take(s, "t3") == ("recipe", "final", {"seed": 8})
+    assert take(s, "t2") == ("recipe", "final", {"seed": 8})  # final trials go first
+    assert take(s, "t3") == ("b", "search", {"i": 1})
     for t in ("t1", "t2", "t3"):
         s.on_trial_complete(t, complete(0.5))
     assert take(s, "t4") == Searcher.FINISHED  # b has no final seeds

@@ -18,8 +18,9 @@ What stays per cell, exactly as when each cell was an experiment of its own:
 
 Every trial's config carries its cell and phase (:data:`~.trainable.ROUTE_KEYS`), which is how the
 scheduler, the trainable (:func:`~.trainable.run_routed_trial`) and the rows find its cell. Cells
-take turns (round robin) when more than one could start a trial. The searcher's state, with every
-cell's study and counts, is saved by Tune with the experiment and restored on resume.
+with a final trial to start go first (the final phase ends a cell's chain); otherwise cells take
+turns (round robin). The searcher's state, with every cell's study and counts, is saved by Tune with
+the experiment and restored on resume.
 """
 
 from __future__ import annotations
@@ -181,13 +182,15 @@ class SweepSearcher(Searcher):
         if limits.cap is not None and len(self.live) >= limits.cap:
             return None
         n = len(self.order)
-        for i in range(n):
-            slug = self.order[(self.turn + i) % n]
+        # final trials first (a cell's final phase is the end of its chain), then cells take turns
+        turns = [self.order[(self.turn + i) % n] for i in range(n)]
+        for slug in [c for c in turns if self.cells[c].search_over()] + turns:
             got = self.cells[slug].next_trial(trial_id, limits)
             if got is None:
                 continue
             phase, config = got
-            self.turn = (self.turn + i + 1) % n
+            if phase == SEARCH:
+                self.turn = (self.order.index(slug) + 1) % n
             self.routes[trial_id] = (slug, phase)
             self.live.add(trial_id)
             if phase == SEARCH:
