@@ -242,8 +242,6 @@ class CellSchedulers(FIFOScheduler):
     (``schedulers``, by cell slug); final trials, and cells without one, run to their end. Trials
     start first come, first served (FIFO, as ASHA's)."""
 
-    _supports_buffered_results = False  # as ASHA: a rung decision per reported epoch
-
     def __init__(self, schedulers: dict[str, TrialScheduler]):
         super().__init__()
         self.schedulers = schedulers
