@@ -38,6 +38,12 @@ class Counting(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         self.completed.append(trial_id)
 
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps([self.n, self.results, self.completed]))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.n, self.results, self.completed = json.loads(Path(checkpoint_path).read_text())
+
 
 def complete(score: float) -> dict[str, Any]:
     """The last report of a search trial that ran to its end (what the trainable reports)."""

@@ -202,7 +202,7 @@ def test_a_sweep_of_per_cell_experiments_is_refused_with_its_rows_kept(ray_2cpu:
     write_spec(spec)
     old = sweep_dir(spec) / "tune" / experiment_name(spec, spec.cells()[0])
     old.mkdir(parents=True)
-    (old / "experiment_state-2026-11-01_00-00-00.json").write_text("{}")
+    (old / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
     store.write_row(sweep_dir(spec) / store.ROWS_DIR, make_row("old-row", sweep_id=spec.sweep_id))
     before = ray_2cpu.read_text() if ray_2cpu.exists() else ""
     with pytest.raises(ConfigError, match="older dmlbench that ran one Tune experiment per cell phase.*new --name"):

@@ -89,7 +89,7 @@ def _starts(log: Path) -> list[tuple[str, int]]:
 def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
     import boto3
 
-    from dmlbench.orchestrator.spec import experiment_name
+    from dmlbench.orchestrator.spec import experiment_name, sweep_experiment_name
     from dmlbench.orchestrator.sweepdir import read_progress
     from dmlbench.results import schema, store
 
@@ -122,11 +122,11 @@ def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
 
         old_spaces, loader.SPACES_DIR = loader.SPACES_DIR, spaces  # the spaces are part of the sweep id
         try:
-            exp = experiment_name(spec, spec.cells()[0])
+            exp = experiment_name(spec, spec.cells()[0])  # the search's progress file
+            prefix = f"sweeps/s3/tune/{sweep_experiment_name(spec)}/"  # the sweep's Tune experiment
         finally:
             loader.SPACES_DIR = old_spaces
         rows = out / "s3" / "rows"
-        prefix = f"sweeps/s3/tune/{exp}/"
 
         def objects() -> dict[str, Any]:
             return {o["Key"]: o for o in s3.list_objects_v2(Bucket="dml-bucket", Prefix=prefix).get("Contents", [])}
@@ -181,7 +181,8 @@ def test_s3_storage_sweep_kill_resume(tmp_path: Path) -> None:
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="dml-bucket", Prefix="sweeps/s3/tune/").get("Contents", [])]
         assert any("experiment_state" in k for k in keys), keys[:20]  # Tune's state is in the bucket
         assert any("/checkpoint_" in k and k.endswith("last.pt") for k in keys), keys[:20]
-        assert not any(k.endswith("best.pt") for k in keys if "-final" not in k), "best.pt left the worker in a search"
+        # the kill came in the search (a search trial was half-trained), so no final trial had started
+        assert not any(k.endswith("best.pt") for k in keys), "best.pt left the worker in a search"
 
         res = subprocess.run([*cmd, temps[1]], env=env, capture_output=True, text=True, timeout=400,
                              start_new_session=True, check=False)  # fmt: skip

@@ -25,9 +25,12 @@ the experiment and restored on resume.
 
 from __future__ import annotations
 
-import pickle
+import base64
+import json
 import queue
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -228,13 +231,41 @@ class SweepSearcher(Searcher):
             _say(self.sweep_id, f"done {cell.key}")
 
     def save(self, checkpoint_path: str) -> None:
-        # the cells' searchers are pickled as their own save does (Optuna's: its attributes, pickled)
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__.copy(), fh)
+        """JSON: the counts, routes and bests, and each cell's searcher in its own saved form (base64)."""
+        state = {
+            "routes": self.routes, "live": sorted(self.live), "configs": self.configs, "turn": self.turn,
+            "cells": {slug: {"suggested": c.suggested, "ended": c.ended, "best_score": c.best_score,
+                             "best_params": c.best_params,
+                             "search": _saved(c.search) if c.search is not None else None}
+                      for slug, c in self.cells.items()},
+        }  # fmt: skip
+        Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:  # written by save() into the sweep's own storage
-            self.__dict__.update(pickle.load(fh))
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.routes = {t: (str(r[0]), str(r[1])) for t, r in state["routes"].items()}
+        self.live, self.configs, self.turn = set(state["live"]), state["configs"], int(state["turn"])
+        for slug, saved in state["cells"].items():
+            cell = self.cells[slug]
+            cell.suggested, cell.ended = saved["suggested"], saved["ended"]
+            cell.best_score, cell.best_params = saved["best_score"], saved["best_params"]
+            if cell.search is not None and saved["search"] is not None:
+                _restore(cell.search, saved["search"])
+
+
+def _saved(searcher: Searcher) -> str:
+    """A searcher's own save (Optuna's: a pickle of its study, written by Ray's OptunaSearch), as text."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "searcher"
+        searcher.save(str(path))
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _restore(searcher: Searcher, saved: str) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "searcher"
+        path.write_bytes(base64.b64decode(saved))
+        searcher.restore(str(path))
 
 
 class CellSchedulers(FIFOScheduler):
