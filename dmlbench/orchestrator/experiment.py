@@ -197,9 +197,7 @@ class RowCallback(tune.Callback):  # type: ignore[misc]
                         **info: Any) -> None:  # fmt: skip
         if (key := self._part(trial)) is None:
             return
-        entry = self.running[key].setdefault(
-            trial.trial_id, {"started": time.time(), "epoch": 0, "metric": None}
-        )
+        entry = self.running[key].setdefault(trial.trial_id, {"started": time.time(), "epoch": 0, "metric": None})
         if isinstance(result.get(EPOCH_KEY), (int, float)):
             entry["epoch"] = int(result[EPOCH_KEY])
         value = result.get(self.sinks[key].spec.metric)
@@ -216,9 +214,7 @@ class RowCallback(tune.Callback):  # type: ignore[misc]
             rows = sink.rows(trial)
             row = rows[0] if rows else {}
         except DmlbenchError as err:
-            log.warning(
-                "row of trial %s not written yet (%s); retried when the experiment ends", trial.trial_id, err
-            )
+            log.warning("row of trial %s not written yet (%s); retried when the experiment ends", trial.trial_id, err)
         entry = self.running[key].pop(trial.trial_id, None)
         value = row.get(sink.spec.metric)
         self.ended[key][trial.trial_id] = {
@@ -480,7 +476,7 @@ def _refuse_per_cell_layout(spec: SweepSpec, parts: list[Part]) -> None:
         raise ConfigError(
             f"sweep {spec.sweep_id} was started by an older dmlbench that ran one Tune experiment per cell phase "
             f"({len(old)} found in {root}, e.g. {old[0]}); this version runs a sweep as one experiment and cannot "
-            "continue it: its rows stay readable; run it again under a new --name (or with --force to start over)."
+            "continue it: its rows stay readable; run it again under a new --name."
         )
 
 

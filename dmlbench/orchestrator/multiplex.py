@@ -12,7 +12,8 @@ What stays per cell, exactly as when each cell was an experiment of its own:
   asks it only for that cell's trials and tells it only their results; the cell's final phase (the
   best complete search trial's params with each final seed) starts when the last of its search
   trials ended, and is skipped when none completed; ``--max-concurrent`` caps each cell phase's
-  trials in flight, ``--sweep-max-concurrent`` those of all cells together;
+  trials in flight, ``--sweep-max-concurrent`` those of all cells together (the values the driver
+  runs with now, :func:`set_limits`: a resumed sweep applies changed ones);
 * :class:`CellSchedulers` gives each cell's search trials to that cell's ASHA (rungs, cut-offs);
   final trials are never stopped.
 
