@@ -485,7 +485,8 @@ def _pending_trials(slots: int | None) -> Iterator[None]:
     """Let Tune keep as many trials waiting for a slot as the sweep has slots. Tune's default for a
     searcher other than its own grid/random one is a single pending trial: it then starts one trial
     at a time, each only once the previous one got its process, and a sweep on 8 slots ran 4 trials
-    at once (``bench/cluster_utilisation.py``). ``TUNE_MAX_PENDING_TRIALS_PG`` set by the user wins."""
+    at once (``bench/cluster_utilisation.py``). ``TUNE_MAX_PENDING_TRIALS_PG`` set by the user wins
+    (on an autoscaling cluster, whose new nodes are asked for by pending trials, set it higher)."""
     if "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
         yield
         return
