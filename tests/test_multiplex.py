@@ -6,6 +6,7 @@ restored mid-sweep, and each cell's search trials going to that cell's ASHA only
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -241,3 +242,20 @@ def test_each_cells_search_trials_go_to_its_own_scheduler_and_final_trials_run_t
     sched.on_trial_remove(None, trials["a2"])
     assert a.calls == [("add", "a1"), ("result", "a1"), ("error", "a1")]
     assert b.calls == [("add", "b1"), ("complete", "b1")]
+
+
+def test_tune_keeps_as_many_pending_trials_as_the_sweep_has_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's default for a searcher of its own is one pending trial (one trial started at a time);
+    the sweep's experiment gets its slots, and a value the user set wins."""
+    from dmlbench.orchestrator.experiment import _pending_trials
+
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    with _pending_trials(8):
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "8"
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
+    with _pending_trials(None):
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "1"
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "200")
+    with _pending_trials(8):
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "200"
+    assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "200"
