@@ -30,6 +30,7 @@ import base64
 import json
 import queue
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ class SweepSearcher(Searcher):
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any) -> bool:
         return True  # every cell's searcher was built with the sweep's metric and mode
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]  # Searcher.FINISHED is a str
         limits = _LIMITS.get(self.sweep_id, self.limits)
         if limits.cap is not None and len(self.live) >= limits.cap:
             return None
@@ -274,9 +275,9 @@ class CellSchedulers(FIFOScheduler):
     (``schedulers``, by cell slug); final trials, and cells without one, run to their end. Trials
     start first come, first served (FIFO, as ASHA's)."""
 
-    def __init__(self, schedulers: dict[str, TrialScheduler]):
+    def __init__(self, schedulers: Mapping[str, TrialScheduler]):
         super().__init__()
-        self.schedulers = schedulers
+        self.schedulers = dict(schedulers)
 
     def _of(self, trial: Any) -> TrialScheduler | None:
         config = trial.config or {}
