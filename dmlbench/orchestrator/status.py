@@ -141,9 +141,11 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
     from dmlbench.orchestrator.planning import cell_settings, search_folds
 
     n_search = len(search_folds(spec))
+    # each cell phase's progress file, read once (the live view calls this every second)
+    progs = {(cell, phase): read_progress(folder, experiment_name(spec, cell, phase))
+             for cell in spec.cells() for phase in ("search", "final")}  # fmt: skip
     # every trial end of the sweep: a trial that starts as any of them ends took over its process
-    sweep_ends = [float(e["ended"]) for cell in spec.cells() for phase in ("search", "final")
-                  for e in (read_progress(folder, experiment_name(spec, cell, phase)).get("ended") or {}).values()
+    sweep_ends = [float(e["ended"]) for prog in progs.values() for e in (prog.get("ended") or {}).values()
                   if isinstance(e, dict) and _num(e.get("ended"))]  # fmt: skip
     for cell in spec.cells():
         n_final = spec.folds if cell_settings(spec, cell).fold_models else 1
@@ -152,7 +154,7 @@ def sweep_progress(spec: SweepSpec, folder: Path, rows: list[dict[str, Any]] | N
         for phase, planned in (("search", spec.trials if searched else 0), ("final", spec.final_seeds)):
             if planned == 0:
                 continue
-            prog = read_progress(folder, experiment_name(spec, cell, phase))
+            prog = progs[(cell, phase)]
             ended: dict[str, dict[str, Any]] = {k: v for k, v in (prog.get("ended") or {}).items() if isinstance(v, dict)}
             running = prog.get("running") if isinstance(prog.get("running"), dict) else {}
             budget = int(prog.get("budget") or spec.epochs or 0)
