@@ -431,18 +431,20 @@ def searcher(spec: SweepSpec, parts: list[Part]) -> SweepSearcher:
 
     from dmlbench.search_spaces.loader import load_space, load_space_file
 
-    searched = {p.cell for p in parts if p.phase == "search"}
+    phases: dict[Cell, set[str]] = {}
+    for p in parts:
+        phases.setdefault(p.cell, set()).add(p.phase)
     cells = []
-    for cell in dict.fromkeys(p.cell for p in parts):
+    for cell, has in phases.items():
         search = None
-        if cell in searched:
+        if "search" in has:
             override = None
             if spec.search_space and load_space_file(spec.search_space).method == cell.method:
                 override = spec.search_space
             space = cell_space(spec, load_space(cell.method, override), cell)
             search = OptunaSearch(space=space.define_by_run(), metric=spec.metric, mode=spec.mode,
                                   sampler=sampler(spec, cell), study_name=experiment_name(spec, cell))  # fmt: skip
-        seeds = final_seeds(spec) if (spec.final_seeds or search is None) else []
+        seeds = final_seeds(spec) if "final" in has else []
         cells.append(CellTrials(cell.key, cell.slug, search, spec.trials if search is not None else 0, list(seeds)))
     return SweepSearcher(cells, spec.metric, spec.mode, limits=limits(spec), sweep_id=spec.sweep_id)
 
