@@ -10,7 +10,6 @@ evaluation; the Ray trainable uses it to report to Tune. The loop never knows a 
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dmlbench.config import TrialConfig
-from dmlbench.datasets import DATASETS, DatasetSource, SampleTable
+from dmlbench.datasets import DatasetSource, SampleTable, trial_source
 from dmlbench.datasets.splits import SplitManifest, TrialSplit, make_manifest, trial_split
 from dmlbench.datasets.torchdata import ClassBalancedBatchSampler, ImageDataset, make_loader
 from dmlbench.datasets.transforms import build_transform
@@ -102,10 +101,6 @@ def autocast_for(cfg: TrialConfig, device: torch.device) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def data_root(cfg: TrialConfig) -> str | None:
-    return cfg.data_root or os.environ.get("DMLBENCH_DATA")
-
-
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, salt]).generate_state(1)[0])
 
@@ -159,7 +154,7 @@ class TrialData:
 def prepare_data(cfg: TrialConfig) -> TrialData:
     """Load the dataset, make the fold manifest and pick this trial's images; checks that the
     requested batches can be formed."""
-    source = DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
+    source = trial_source(cfg)
     table = source.table()
     if not source.embedded:
         # decoded once per (dataset, size) into a node-local cache shared by every trial
@@ -187,12 +182,6 @@ def prepare_data(cfg: TrialConfig) -> TrialData:
               f"samples_per_class={cfg.samples_per_class} images (smallest: {int(counts.min())}); their batches "
               f"repeat images under fresh augmentations.", file=sys.stderr)
     return TrialData(source, table, manifest, split, label_map)
-
-
-def split_hash(cfg: TrialConfig) -> str:
-    """The fold manifest hash a trial of ``cfg`` uses (reads the dataset's lists, decodes nothing)."""
-    source = DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
-    return make_manifest(source.table(), cfg.dataset, cfg.num_folds, cfg.split_seed).hash
 
 
 # ---- evaluation ----------------------------------------------------------------------------

@@ -254,7 +254,7 @@ def _error_text(trial: Any) -> str:
 def _cell_split_hash(base: dict[str, Any]) -> str | None:
     """The fold-manifest hash of a cell (the same for every trial and fold), read once here rather
     than by every trial; None when the dataset cannot be read (the trials then fail with the reason)."""
-    from dmlbench.engine.trainer import split_hash
+    from dmlbench.datasets import split_hash
     from dmlbench.search_spaces.loader import build_trial_config
 
     try:

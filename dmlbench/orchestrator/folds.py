@@ -183,13 +183,12 @@ def concatenated_metrics(cfg: TrialConfig, embeddings: Sequence[Any]) -> dict[st
     """
     import torch
 
-    from dmlbench.datasets import DATASETS
-    from dmlbench.engine.trainer import data_root
+    from dmlbench.datasets import trial_source
     from dmlbench.evaluation import evaluate_embeddings
     from dmlbench.methods import METHODS
 
     method = METHODS.get(cfg.method)
-    source = DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
+    source = trial_source(cfg)
     table = source.table()
     test = (table.split == "test").nonzero()[0]
     cat = torch.cat([torch.as_tensor(e).float() for e in embeddings], dim=1)

@@ -199,11 +199,11 @@ def _check_backbones(names: tuple[str, ...]) -> None:
         from dmlbench.engine.backbones import BACKBONES
     except ImportError:  # engine not installed: leave the check to the trial
         return
-    import timm
-
     for b in names:
         if b in BACKBONES:
             continue
+        import timm  # only for names dmlbench does not register itself (timm's import takes seconds)
+
         if timm.list_models(b) or timm.list_models(b.split(".")[0]):
             continue
         valid = ", ".join(BACKBONES.names())

@@ -473,10 +473,9 @@ def trial_configs(spec: SweepSpec, cell: Cell, work: Path) -> tuple[TrialConfig 
 # ---- data -------------------------------------------------------------------------------------------
 def source_table(cfg: TrialConfig) -> tuple[Any, Any]:
     """(source, table) of the trial's dataset, read as :func:`engine.trainer.prepare_data` reads it."""
-    from dmlbench.datasets import DATASETS
-    from dmlbench.engine.trainer import data_root
+    from dmlbench.datasets import trial_source
 
-    source = DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
+    source = trial_source(cfg)
     return source, source.table()
 
 
@@ -491,9 +490,9 @@ def prepare_dataset(cfg: TrialConfig, done: dict[tuple[str, int], DataReport], l
     source, table = source_table(cfg)
     if source.embedded:
         return rep  # in memory: no files, no cache (prepare_data does not cache them)
+    from dmlbench.datasets import data_root
     from dmlbench.datasets.cache import cache_location, ensure_cache, estimate_cache_bytes, is_valid_cache
     from dmlbench.datasets.checks import image_problems
-    from dmlbench.engine.trainer import data_root
 
     try:
         folder, expected = cache_location(table, cfg.dataset, cfg.image_size)
