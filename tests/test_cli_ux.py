@@ -61,6 +61,39 @@ def test_cli_imports_no_heavy_module_for_help_and_lists() -> None:
     assert out["import_s"] < 3.0, out
 
 
+_DRIVER_PROBE = """
+import json, sys
+from dmlbench.datasets import DATASETS
+from dmlbench.datasets.splits import make_manifest
+from dmlbench.orchestrator import planning
+from dmlbench.orchestrator.experiment import sweep_parts
+from dmlbench.orchestrator.spec import SweepSpec
+from dmlbench.search_spaces.loader import build_trial_config
+
+spec = SweepSpec(methods=("nivmf",), datasets=("digits",), backbones=("tiny",), trials=2, folds=3, output=sys.argv[1])
+planning.validate(spec)
+cfg = build_trial_config(planning.cell_base(spec, spec.cells()[0], "search"), {})
+table = DATASETS.get("digits")().table()
+hashes = {p.trial["split_hash"] for p in sweep_parts(spec)}
+print(json.dumps({"hash": hashes.pop() if len(hashes) == 1 else sorted(hashes), "num_folds": cfg.num_folds,
+                  "expected": make_manifest(table, "digits", cfg.num_folds, cfg.split_seed).hash,
+                  "heavy": sorted(m for m in ("torchvision", "timm", "dmlbench.engine.trainer") if m in sys.modules)}))
+"""
+
+
+def test_sweep_planning_loads_no_training_engine(tmp_path: Path) -> None:
+    """What the sweep driver does before its first trial starts (validating names and data, the
+    cell phases with each cell's fold-manifest hash) imports neither the training engine nor torchvision, nor timm for a
+    backbone dmlbench registers: each costs seconds of driver time while the cluster waits. The
+    hash is the one the manifest itself reports."""
+    proc = subprocess.run([sys.executable, "-c", _DRIVER_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          env=_env(), timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == [], out["heavy"]
+    assert out["num_folds"] >= 2 and len(out["hash"]) == 16 and out["hash"] == out["expected"], out
+
+
 def test_dmlbench_help_starts_fast() -> None:
     t0 = time.perf_counter()
     proc = subprocess.run(

@@ -26,7 +26,7 @@ def trial_source(cfg: Any) -> DatasetSource:
     return DATASETS.get(cfg.dataset)(data_root(cfg), **cfg.dataset_kwargs)
 
 
-def split_hash(cfg: Any) -> str:
+def trial_split_hash(cfg: Any) -> str:
     """The fold manifest hash a trial of ``cfg`` uses (reads the dataset's lists, decodes nothing).
     Light to import: the sweep driver computes it once per cell without loading the training engine."""
     from dmlbench.datasets.splits import make_manifest
@@ -34,4 +34,4 @@ def split_hash(cfg: Any) -> str:
     return make_manifest(trial_source(cfg).table(), cfg.dataset, cfg.num_folds, cfg.split_seed).hash
 
 
-__all__ = ["DATASETS", "DatasetCheck", "DatasetSource", "SampleTable", "data_root", "split_hash", "trial_source"]
+__all__ = ["DATASETS", "DatasetCheck", "DatasetSource", "SampleTable", "data_root", "trial_source", "trial_split_hash"]

@@ -254,11 +254,11 @@ def _error_text(trial: Any) -> str:
 def _cell_split_hash(base: dict[str, Any]) -> str | None:
     """The fold-manifest hash of a cell (the same for every trial and fold), read once here rather
     than by every trial; None when the dataset cannot be read (the trials then fail with the reason)."""
-    from dmlbench.datasets import split_hash
+    from dmlbench.datasets import trial_split_hash
     from dmlbench.search_spaces.loader import build_trial_config
 
     try:
-        return split_hash(build_trial_config(base, {}))
+        return trial_split_hash(build_trial_config(base, {}))
     except DmlbenchError:
         return None
 
