@@ -259,3 +259,40 @@ def test_tune_keeps_as_many_pending_trials_as_the_sweep_has_slots(monkeypatch: p
     with _pending_trials(8):
         assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "200"
     assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "200"
+
+
+def test_a_cells_real_optuna_suggestions_do_not_depend_on_the_cells_beside_it(tmp_path: Path) -> None:
+    """The sweep's real searcher (:func:`experiment.searcher`: Optuna TPE per cell, seeded per cell,
+    past its start-up trials): a cell suggests the same params in a sweep of its own as beside two
+    other cells whose trials come in between, when its own trials end with the same scores in the
+    same order. What another cell's trials scored never reaches it."""
+    import hashlib
+
+    from dmlbench.orchestrator.experiment import searcher, sweep_parts
+    from dmlbench.orchestrator.spec import SweepSpec
+
+    def score(params: dict[str, Any]) -> float:  # a fixed function of the params
+        return int(hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:6], 16) / 16**6
+
+    def drive(methods: tuple[str, ...], datasets: tuple[str, ...]) -> list[dict[str, Any]]:
+        spec = SweepSpec(methods=methods, datasets=datasets, backbones=("tiny",), trials=8, folds=3, final_seeds=1,
+                         max_concurrent=1, output=str(tmp_path / "-".join(methods + datasets)))  # fmt: skip
+        s = searcher(spec, sweep_parts(spec))
+        mine: list[dict[str, Any]] = []
+        for i in range(200):
+            got = take(s, f"t{i}")
+            if got == Searcher.FINISHED:
+                return mine
+            if got is None:
+                continue
+            slug, phase, params = got
+            if slug == "nivmf-digits-tiny" and phase == "search":
+                mine.append(params)
+            # every cell's trial ends before the next suggestion; other cells score differently
+            s.on_trial_complete(f"t{i}", complete(score(params) if slug == "nivmf-digits-tiny" else 1 - score(params)))
+        raise AssertionError("the sweep did not finish")
+
+    alone = drive(("nivmf",), ("digits",))
+    beside = drive(("nivmf", "ccp"), ("digits", "synthetic"))
+    assert len(alone) == 8 and alone == beside
+    assert len({json.dumps(p, sort_keys=True) for p in alone}) == 8  # TPE explored, it did not repeat
