@@ -62,12 +62,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     """End a test process that loaded Ray's native core with ``os._exit``, once pytest has printed
     its summary and written its files, keeping pytest's exit status.
 
-    Why: the Ray tests remove their private Ray temp dirs after ``ray.shutdown()``, and the driver's
-    core worker logger (C++) can still hold a log file there; once, in a full run, its teardown at
-    interpreter exit logged ``[ray_log_sink] Failed writing to file …: Bad file descriptor`` and the
-    interpreter segfaulted after every test had passed, so ``make test`` failed. ``os._exit`` skips
-    only that teardown (atexit handlers and native destructors); every test has ended, and Ray was
-    shut down by the tests themselves."""
+    Why: once, in a full run, after every test had passed, Ray's C++ logger reported
+    ``[ray_log_sink] Failed writing to file <the last Ray test's private temp dir>/…/python-core-driver-….log:
+    Bad file descriptor`` and the interpreter segfaulted at exit, so ``make test`` failed (the Ray
+    tests remove their temp dirs after ``ray.shutdown()``; not reproduced since). ``os._exit`` skips
+    only the interpreter's teardown (atexit handlers and native destructors): every test has ended,
+    and the tests shut Ray down themselves."""
     import sys
 
     if "ray._raylet" not in sys.modules or not _EXIT_STATUS:

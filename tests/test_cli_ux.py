@@ -83,9 +83,9 @@ print(json.dumps({"hash": hashes.pop() if len(hashes) == 1 else sorted(hashes), 
 
 def test_sweep_planning_loads_no_training_engine(tmp_path: Path) -> None:
     """What the sweep driver does before its first trial starts (validating names and data, the
-    cell phases with each cell's fold-manifest hash) imports neither the training engine nor torchvision, nor timm for a
-    backbone dmlbench registers: each costs seconds of driver time while the cluster waits. The
-    hash is the one the manifest itself reports."""
+    cell phases with each cell's fold-manifest hash) imports neither the training engine nor
+    torchvision, nor timm for a backbone dmlbench registers: each costs seconds of driver time while
+    the cluster waits. The hash is the one the manifest itself reports."""
     proc = subprocess.run([sys.executable, "-c", _DRIVER_PROBE, str(tmp_path)], capture_output=True, text=True,
                           env=_env(), timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
