@@ -16,7 +16,8 @@ for _mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 
 def data_root(cfg: Any) -> str | None:
-    """A trial config's ``--data-root`` text, else ``$DMLBENCH_DATA`` (:mod:`.roots` parses it)."""
+    """A trial config's (or sweep spec's) ``--data-root`` text, else ``$DMLBENCH_DATA`` (:mod:`.roots`
+    parses it)."""
     return cfg.data_root or os.environ.get(DATA_ENV)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +104,7 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
     Returns the benchmark datasets that cannot be used (one sentence each). With ``need_data``
     (a real sweep) any such problem raises :class:`DatasetError`; a dry run prints them with the plan.
     """
-    from dmlbench.datasets import DATASETS
+    from dmlbench.datasets import DATASETS, data_root
     from dmlbench.methods import METHODS
     from dmlbench.search_spaces.loader import load_space, load_space_file
 
@@ -141,7 +140,7 @@ def validate(spec: SweepSpec, *, need_data: bool = True) -> list[str]:
                 )
             continue
         kwargs = dict(spec.trial_base.get("dataset_kwargs") or {})  # e.g. --subset's expect_full=False
-        chk = ds_cls(spec.data_root or os.environ.get("DMLBENCH_DATA"), **kwargs).check()
+        chk = ds_cls(data_root(spec), **kwargs).check()
         if not chk.usable:
             bad.append(chk)
     problems = [f"{c.name} is {c.status} ({c.message})" for c in bad]
